@@ -1,0 +1,81 @@
+"""Sign bits <-> packed bytes.
+
+Layout (the only one used in this project)::
+
+    packed: uint8, shape (ceil(n / 8),) where n = numel of the signed tensor
+    bit j (LSB = 0) of byte b  =  1 if element 8*b + j of the row-major flattened tensor is
+                                  "positive" (>= 0 for signs of a delta, see codec), else 0
+    padding bits in the last byte are 0
+
+When the last dimension is a multiple of 8 (every hidden size in practice) row ``r`` of a
+``(rows, cols)`` matrix occupies bytes ``[r*cols/8, (r+1)*cols/8)``, so rows can be gathered
+without unpacking the whole tensor (used by the multi-tenant embedding path).
+
+All functions are vectorised torch (no Python loop over elements) and run on any device.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_SHIFTS = torch.arange(8, dtype=torch.uint8)
+
+
+def packed_numel(n: int) -> int:
+    """Number of bytes needed to pack ``n`` bits."""
+    return math.ceil(n / 8)
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Pack a boolean tensor of any shape into ``uint8`` (see module docstring for the layout)."""
+    if bits.dtype != torch.bool:
+        raise TypeError(f"pack_bits expects a bool tensor, got {bits.dtype}")
+    flat = bits.reshape(-1)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    groups = flat.view(-1, 8).to(torch.uint8)
+    shifts = _SHIFTS.to(groups.device)
+    return (groups << shifts).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: the first ``n`` bits as a flat bool tensor."""
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"unpack_bits expects a uint8 tensor, got {packed.dtype}")
+    if packed.numel() * 8 < n:
+        raise ValueError(f"{packed.numel()} packed bytes hold fewer than {n} bits")
+    shifts = _SHIFTS.to(packed.device)
+    bits = (packed.reshape(-1, 1) >> shifts) & 1
+    return bits.reshape(-1)[:n].bool()
+
+
+def pack_signs(x: torch.Tensor) -> torch.Tensor:
+    """Pack ``x >= 0`` (zero counts as positive) for a tensor of any shape."""
+    return pack_bits(x >= 0)
+
+
+def unpack_signs(packed: torch.Tensor, shape: tuple[int, ...] | torch.Size, dtype=torch.float32) -> torch.Tensor:
+    """Unpack to a ``{-1, +1}`` tensor of ``shape`` and ``dtype``."""
+    n = math.prod(shape)
+    bits = unpack_bits(packed, n)
+    return (bits.to(dtype) * 2 - 1).reshape(shape)
+
+
+def unpack_sign_rows(packed: torch.Tensor, cols: int, rows: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """Signs of selected rows of a packed ``(R, cols)`` matrix, ``cols % 8 == 0``.
+
+    ``rows`` is an integer tensor of any shape; the result has shape ``rows.shape + (cols,)``.
+    Only the bytes of the selected rows are touched.
+    """
+    if cols % 8:
+        raise ValueError(f"row gather needs cols divisible by 8, got {cols}")
+    per_row = cols // 8
+    table = packed.view(-1, per_row)
+    sel = table[rows.reshape(-1)]  # (k, per_row)
+    shifts = _SHIFTS.to(packed.device)
+    bits = (sel.unsqueeze(-1) >> shifts) & 1  # (k, per_row, 8)
+    signs = bits.reshape(sel.shape[0], cols).to(dtype) * 2 - 1
+    return signs.reshape(*rows.shape, cols)
