@@ -12,7 +12,7 @@ from torch import nn
 
 from .artifact import DeltaArtifact, load_artifact, parse_dtype
 from .errors import BaseMismatchError, ModelLoadError
-from .models import Fingerprinter, LoadedModel, ModelSource, load_model, resolve_class
+from .models import Fingerprinter, LoadedModel, ModelSource, load_model, load_tokenizer, resolve_class
 from .select import Codec
 
 logger = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def load_base_for(art: DeltaArtifact, base: ModelSource) -> LoadedModel:
     """Load ``base`` in the fine-tune's class (names then match the artifact's)."""
     arch = art.model.get("architecture")
     if isinstance(base, (str, os.PathLike)) and arch:
-        kwargs = {}
+        kwargs = {"ignore_mismatched_sizes": True}
         if art.num_labels is not None:
             kwargs["num_labels"] = art.num_labels
         return load_model(base, cls=resolve_class(arch), **kwargs)
@@ -114,13 +114,36 @@ def apply(base: ModelSource, art: DeltaArtifact | str | os.PathLike) -> nn.Modul
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise BaseMismatchError(f"the delta does not cover the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    cfg = getattr(module, "config", None)
-    if cfg is not None and art.model.get("config"):
-        if art.id2label():
-            cfg.id2label = art.id2label()
-            cfg.label2id = {v: k for k, v in cfg.id2label.items()}
-        cfg.problem_type = art.model.get("problem_type")
+    if getattr(module, "config", None) is not None and art.model.get("config"):
+        _update_config(module.config, art)
     return module.eval()
+
+
+# Config fields that describe the file, not the model: never copied from the artifact.
+_CONFIG_SKIP = {"transformers_version", "_name_or_path", "name_or_path", "architectures", "dtype", "torch_dtype",
+                "id2label", "label2id", "problem_type", "num_labels"}
+
+
+def _update_config(cfg, art: DeltaArtifact) -> None:
+    """Make the base's config the fine-tune's: labels, problem type and every other changed field
+    (e.g. a resized ``vocab_size``, a new ``pad_token_id``), so ``save_pretrained`` writes the
+    fine-tune's config rather than the base's."""
+    meta = art.model.get("config") or {}
+    changed = {}
+    for k, v in meta.items():
+        if k in _CONFIG_SKIP or k.startswith("_") or isinstance(v, dict) and k.endswith("_config"):
+            continue
+        if hasattr(cfg, k) and getattr(cfg, k) != v:
+            changed[k] = v
+    if changed:
+        logger.debug("config fields taken from the delta: %s", sorted(changed))
+        cfg.update(changed)
+    if art.id2label():
+        cfg.id2label = art.id2label()
+        cfg.label2id = {v: k for k, v in cfg.id2label.items()}
+    cfg.problem_type = art.model.get("problem_type")
+    if art.model.get("architecture"):
+        cfg.architectures = [art.model["architecture"]]
 
 
 def export(base: ModelSource, art: DeltaArtifact | str | os.PathLike, out_dir: str | os.PathLike) -> Path:
@@ -131,21 +154,15 @@ def export(base: ModelSource, art: DeltaArtifact | str | os.PathLike, out_dir: s
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    if isinstance(base, (str, os.PathLike)):
-        try:
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(os.fspath(base))
-        except Exception:  # noqa: BLE001 - a base without tokenizer files
-            tok = None
-        if tok is not None:
-            added = (art.tokenizer or {}).get("added_tokens") or []
-            normal = [a["content"] for a in added if not a.get("special")]
-            special = [a["content"] for a in added if a.get("special")]
-            if normal:
-                tok.add_tokens(normal)
-            if special:
-                tok.add_special_tokens({"additional_special_tokens": special})
-            tok.save_pretrained(out)
+    tok = load_tokenizer(base) if isinstance(base, (str, os.PathLike)) else None
+    if tok is not None:
+        for a in (art.tokenizer or {}).get("added_tokens") or []:
+            tok.add_tokens([a["content"]], special_tokens=bool(a.get("special")))
+            got = tok.convert_tokens_to_ids(a["content"])
+            if a.get("id") is not None and got != a["id"]:
+                logger.warning("added token %r got id %s, the fine-tune had %s", a["content"], got, a["id"])
+        tok.save_pretrained(out)
+    elif art.tokenizer:
+        logger.warning("the delta records added tokens but the base has no tokenizer files; none exported")
     logger.info("exported fine-tune to %s", out)
     return out

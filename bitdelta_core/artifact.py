@@ -196,10 +196,12 @@ def _check_header(data: bytes, source: str) -> None:
         if k == "__metadata__":
             continue
         try:
-            s, e = v["data_offsets"]
+            s, e = (int(x) for x in v["data_offsets"])
         except (TypeError, KeyError, ValueError):
             raise ArtifactCorruptError(f"{source}: tensor {k!r} has no valid data_offsets") from None
-        end = max(end, int(e))
+        if not 0 <= s <= e:
+            raise ArtifactCorruptError(f"{source}: tensor {k!r} has invalid data_offsets [{s}, {e}]")
+        end = max(end, e)
     if 8 + n + end > len(data):
         raise ArtifactCorruptError(
             f"{source}: tensors need {8 + n + end} bytes but the file has {len(data)} (truncated)"
@@ -262,11 +264,11 @@ def artifact_from_parts(flat: dict[str, torch.Tensor], meta: dict, source: str =
             shape = tuple(int(s) for s in m["shape"])
             dtype = m["dtype"]
             parse_dtype(dtype)
+            base_shape = tuple(int(s) for s in m["base_shape"]) if m.get("base_shape") is not None else None
         except (KeyError, TypeError, ValueError) as e:
             raise ArtifactCorruptError(f"{source}: bad metadata for tensor {name!r} ({e})") from None
-        if any(s < 0 for s in shape):
+        if any(s < 0 for s in shape + (base_shape or ())):
             raise ArtifactCorruptError(f"{source}: negative shape for {name!r}")
-        base_shape = tuple(int(s) for s in m["base_shape"]) if m.get("base_shape") is not None else None
         entry = TensorEntry(codec, shape, dtype, base_shape=base_shape)
         if codec in (Codec.SIGN1, Codec.RESIZED):
             sign_shape = shape

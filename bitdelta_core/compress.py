@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import os
 from typing import Any
 
 import torch
@@ -17,36 +18,65 @@ from tqdm.auto import tqdm
 from .artifact import DeltaArtifact, TensorEntry, dtype_name
 from .codec import encode
 from .errors import ArchitectureMismatchError
-from .models import Fingerprinter, LoadedModel, ModelSource, load_model
+from .models import Fingerprinter, LoadedModel, ModelSource, load_model, load_tokenizer
 from .select import Codec, CompressionConfig, TensorPlan, decide
 
 logger = logging.getLogger(__name__)
 
 
 def load_pair(base: ModelSource, finetuned: ModelSource) -> tuple[LoadedModel, LoadedModel]:
-    """Load the fine-tune, then the base *in the fine-tune's class* so parameter names agree."""
+    """Load the fine-tune, then the base *in the fine-tune's class* so parameter names agree.
+
+    A base checkpoint without the fine-tune's head (a bare ``BertModel`` for a
+    ``BertForSequenceClassification``) loads fine: the head's tensors are marked as not present
+    and stored densely. A base head of another size is ignored the same way.
+    """
     ft = load_model(finetuned)
     cls = type(ft.module) if ft.module is not None and ft.config is not None else None
-    if isinstance(base, (str,)) or hasattr(base, "__fspath__"):
-        kwargs = {}
-        if ft.config is not None and getattr(ft.config, "num_labels", None) is not None:
+    if isinstance(base, (str, os.PathLike)) and cls is not None:
+        kwargs: dict[str, Any] = {"ignore_mismatched_sizes": True}
+        if getattr(ft.config, "num_labels", None) is not None:
             kwargs["num_labels"] = ft.config.num_labels
-        b = load_model(base, cls=cls, **kwargs) if cls is not None else load_model(base)
+        b = load_model(base, cls=cls, **kwargs)
     else:
         b = load_model(base)
+    b = _align_prefix(b, ft)
     _check_same_architecture(b, ft)
     return b, ft
 
 
+def _align_prefix(base: LoadedModel, ft: LoadedModel) -> LoadedModel:
+    """Rename a bare backbone's tensors (``embeddings.*``) to the fine-tune's (``bert.embeddings.*``).
+
+    Only when no name is shared as is and every base name exists in the fine-tune under the
+    fine-tune's ``base_model_prefix``; otherwise ``base`` is returned unchanged.
+    """
+    prefix = getattr(ft.module, "base_model_prefix", None)
+    if not prefix or any(n in ft.state for n in base.state):
+        return base
+    renamed = {f"{prefix}.{n}": t for n, t in base.state.items()}
+    if not all(n in ft.state for n in renamed):
+        return base
+    present = None if base.present is None else {f"{prefix}.{n}" for n in base.present}
+    tied = {f"{prefix}.{a}": f"{prefix}.{c}" for a, c in base.tied.items()}
+    logger.info("base tensors renamed with prefix %r to match the fine-tune", prefix)
+    return LoadedModel(renamed, base.module, base.config, base.name_or_path, present, tied)
+
+
 def _check_same_architecture(base: LoadedModel, ft: LoadedModel) -> None:
-    """Fail loudly when the two state dicts clearly come from different architectures."""
+    """Fail loudly when the two state dicts clearly come from different architectures.
+
+    Allowed differences: tensors only one side has (a new head), and a changed first dimension
+    (a resized vocabulary or position table). Any other shape change names the first mismatching
+    tensor in the fine-tune's order.
+    """
     bt = base.base_tensors()
     if not bt:
         raise ArchitectureMismatchError("the base model has no tensors")
     shared = [n for n in ft.state if n in bt]
     if not shared:
         raise ArchitectureMismatchError(
-            f"no tensor name is shared: fine-tune starts with {next(iter(ft.state))!r}, "
+            f"no tensor name is shared: fine-tune starts with {next(iter(ft.state), None)!r}, "
             f"base with {next(iter(bt))!r}; the models have different architectures"
         )
     if len(shared) < 0.5 * len(bt):
@@ -55,12 +85,17 @@ def _check_same_architecture(base: LoadedModel, ft: LoadedModel) -> None:
             f"only {len(shared)}/{len(bt)} base tensors exist in the fine-tune (first missing: {missing!r}); "
             "the models have different architectures"
         )
+    first_diff = None
     for n in shared:
         a, b = bt[n], ft.state[n]
-        if a.dim() != b.dim() or (a.dim() >= 2 and a.shape[1:] != b.shape[1:]) or (a.dim() < 2 and a.shape != b.shape):
+        if a.shape == b.shape:
+            continue
+        first_diff = first_diff or n
+        if a.dim() != b.dim() or a.shape[1:] != b.shape[1:]:
             raise ArchitectureMismatchError(
-                f"tensor {n!r} has shape {tuple(a.shape)} in the base but {tuple(b.shape)} in the fine-tune; "
-                "the models have different architectures"
+                f"tensor {first_diff!r} has shape {tuple(bt[first_diff].shape)} in the base but "
+                f"{tuple(ft.state[first_diff].shape)} in the fine-tune (and {n!r}: {tuple(a.shape)} vs "
+                f"{tuple(b.shape)}); the models have different architectures"
             )
 
 
@@ -73,6 +108,7 @@ def plan(base: ModelSource | LoadedModel, finetuned: ModelSource | LoadedModel,
 
 def _as_pair(base, finetuned):
     if isinstance(base, LoadedModel) and isinstance(finetuned, LoadedModel):
+        base = _align_prefix(base, finetuned)
         _check_same_architecture(base, finetuned)
         return base, finetuned
     return load_pair(base, finetuned)
@@ -95,23 +131,31 @@ def model_info(ft: LoadedModel) -> dict[str, Any]:
 
 
 def tokenizer_diff(base_path: Any, ft_path: Any) -> dict[str, Any] | None:
-    """Tokens the fine-tune's tokenizer adds over the base's (None if same or unknown)."""
-    if not isinstance(base_path, str) or not isinstance(ft_path, str):
-        return None
-    try:
-        from transformers import AutoTokenizer
+    """Tokens the fine-tune's tokenizer adds over the base's, with their ids (None if same/unknown).
 
-        tb = AutoTokenizer.from_pretrained(base_path)
-        tf = AutoTokenizer.from_pretrained(ft_path)
-    except Exception:  # noqa: BLE001 - a folder without tokenizer files is fine
+    Only local folders that really ship tokenizer files are compared (transformers 5 would
+    otherwise build an empty tokenizer from ``config.json`` and every token would look added).
+    ``added_tokens`` is in id order; :func:`bitdelta_core.apply.export` re-adds them in that order.
+    """
+    if base_path is None or ft_path is None:
+        return None
+    if os.path.abspath(os.fspath(base_path)) == os.path.abspath(os.fspath(ft_path)):
+        return None
+    tb, tf = load_tokenizer(base_path), load_tokenizer(ft_path)
+    if tb is None or tf is None:
         return None
     base_vocab = tb.get_vocab()
-    added = []
     special = set(getattr(tf, "all_special_tokens", []) or [])
-    for tok, _ in sorted(tf.get_vocab().items(), key=lambda kv: kv[1]):
-        if tok not in base_vocab:
-            added.append({"content": tok, "special": tok in special})
-    return {"added_tokens": added} if added else None
+    added = [
+        {"content": tok, "id": int(i), "special": tok in special}
+        for tok, i in sorted(tf.get_vocab().items(), key=lambda kv: kv[1])
+        if tok not in base_vocab
+    ]
+    if len(added) > 0.5 * max(len(base_vocab), 1):
+        logger.warning("the fine-tune's tokenizer differs from the base's in %d tokens; not a token "
+                       "extension, recording no tokenizer diff", len(added))
+        return None
+    return {"added_tokens": added, "base_vocab_size": len(base_vocab)} if added else None
 
 
 def compress(

@@ -58,6 +58,41 @@ def find_tied(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
+# Files whose presence means a folder really ships a tokenizer. transformers 5 otherwise builds an
+# *empty* tokenizer from config.json alone, which would make every real token look "added".
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+    "spiece.model", "sentencepiece.bpe.model", "merges.txt",
+)
+
+
+def has_tokenizer_files(path) -> bool:
+    """True if ``path`` is a local folder holding tokenizer files."""
+    return isinstance(path, (str, os.PathLike)) and os.path.isdir(path) and any(
+        os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES
+    )
+
+
+def load_tokenizer(path):
+    """The tokenizer of a local folder that ships one, else ``None`` (never an empty stand-in)."""
+    if not has_tokenizer_files(path):
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(os.fspath(path))
+    except Exception as e:  # noqa: BLE001 - transformers raises many types
+        logger.warning("cannot load the tokenizer of %s: %s", path, e)
+        return None
+
+
+def _looks_local(path: str) -> bool:
+    """A string that can only be a filesystem path (not a hub id ``org/name``)."""
+    return (
+        os.path.isabs(path) or path.startswith((".", "~")) or "\\" in path or path.count("/") > 1
+        or path.endswith(".safetensors") or not _HUB_ID.fullmatch(path)
+    )
+
 
 def _is_path_like(src) -> bool:
     return isinstance(src, (str, os.PathLike))
@@ -100,9 +135,17 @@ def load_model(src: ModelSource, cls=None, **kwargs) -> LoadedModel:
         return LoadedModel(state, None, None, None, None, find_tied(state))
     if not _is_path_like(src):
         raise ModelLoadError(f"cannot load a model from an object of type {type(src).__name__}")
-    path = os.fspath(src)
-    if not os.path.exists(path) and not _HUB_ID.fullmatch(path):
-        raise ModelLoadError(f"model path {path!r} does not exist (and is not a hub id)")
+    path = os.path.expanduser(os.fspath(src))
+    if not path:
+        raise ModelLoadError("empty model path")
+    if not os.path.exists(path):
+        if _looks_local(path):
+            raise ModelLoadError(f"model path {path!r} does not exist")
+        logger.debug("%s is not a local path; trying it as a hub id", path)
+    elif os.path.isfile(path):
+        return _load_safetensors_file(path)
+    elif not os.path.isfile(os.path.join(path, "config.json")):
+        raise ModelLoadError(f"{path!r} is a folder without config.json (not a Hugging Face model folder)")
     if cls is None:
         cls, _ = _class_for_path(path)
     try:
@@ -115,6 +158,18 @@ def load_model(src: ModelSource, cls=None, **kwargs) -> LoadedModel:
     present = {k for k in state if k not in not_loaded}
     logger.debug("loaded %s from %s (%d tensors, %d not in checkpoint)", cls.__name__, path, len(state), len(not_loaded))
     return LoadedModel(dict(state), model, model.config, path, present, find_tied(state))
+
+
+def _load_safetensors_file(path: str) -> LoadedModel:
+    """A bare ``.safetensors`` state dict (no module, no config)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelLoadError(f"{path!r} is not a readable safetensors state dict: {e}") from None
+    return LoadedModel(state, None, None, path, None, {})
 
 
 def _mismatched(info) -> list:
@@ -132,7 +187,8 @@ def tensor_digest(t: torch.Tensor) -> str:
     t = t.contiguous().cpu()
     h = hashlib.blake2b(digest_size=16)
     h.update(str(tuple(t.shape)).encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    if t.numel():
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # no copy of the bytes
     return h.hexdigest()
 
 
