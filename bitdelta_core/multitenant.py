@@ -1,0 +1,822 @@
+"""One base model + a pool of packed 1-bit deltas -> one batched forward for mixed fine-tunes.
+
+How a batch runs
+----------------
+Every row of a batch names a tenant (a registered delta) or the base. Before the forward the
+engine computes *groups*: ``(slot, row_indices)`` per tenant present. Every parameter-bearing
+leaf module of the base model is wrapped once (:class:`TenantLayer`); in the forward a wrapper
+
+* returns the plain base output when the whole batch is base-only,
+* for embeddings, gathers ``E_base[ids] + α[ids] ⊙ sign(Δ)[ids]`` straight from the packed
+  signs (only the bytes of the looked-up rows are touched, the table is never unpacked),
+* for every other layer type, runs each group with that tenant's *working weights*:
+  ``W_t = W_base + α ⊙ sign(Δ_t)`` for 1-bit tensors, the tenant's own dense tensors (biases,
+  norms, heads), the base tensor otherwise. Layer types are handled by a registry of
+  functional kernels (``nn.Linear``, GPT-2 ``Conv1D``, ``nn.LayerNorm``) with a generic
+  ``torch.func.functional_call`` fallback for any other module.
+
+Everything that is not a parameterised leaf (attention, activations, pooling) runs once for
+the whole batch. Heads may differ per tenant (``num_labels``, label names, problem type): the
+logits are padded to the widest head in the batch and cut per row afterwards.
+
+Memory tiers
+------------
+* pool: per tenant the packed signs (1 bit/weight), scales and dense tensors; always resident.
+* working-weight cache: merged ``W_t`` tensors of hot tenants, an LRU over tenants bounded by
+  ``cache_bytes``. A tenant is admitted whole (all its layers) or not at all, so a cyclic
+  sweep over layers cannot thrash it; tenants that do not fit are merged layer by layer on the
+  fly (transient memory only) — correct, just slower.
+
+Thread safety: pool mutations and forwards are serialised by one lock; validation of a new
+artifact (the slow part of a registration) runs outside it, so a registration never blocks
+serving for long, and a failed registration leaves the pool untouched.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import math
+import os
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .apply import check_base
+from .artifact import DeltaArtifact, artifact_from_bytes, load_artifact
+from .codec import SignDelta
+from .errors import (
+    BaseMismatchError,
+    InputTooLongError,
+    InvalidInputError,
+    ModelExistsError,
+    ModelLoadError,
+    UnknownModelError,
+)
+from .models import Fingerprinter, load_model, resolve_class
+from .select import Codec
+
+logger = logging.getLogger(__name__)
+
+BASE_SLOT = -1
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# ---------------------------------------------------------------------------------------------
+# sign unpacking with a lookup table: byte -> 8 signs (LSB first), one gather per byte
+# ---------------------------------------------------------------------------------------------
+_LUT_CACHE: dict[tuple[torch.dtype, str], torch.Tensor] = {}
+
+
+def _sign_lut(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    key = (dtype, str(device))
+    lut = _LUT_CACHE.get(key)
+    if lut is None:
+        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
+        lut = _LUT_CACHE[key] = (bits * 2 - 1).to(dtype=dtype, device=device)
+    return lut
+
+
+def merged_weight(base: torch.Tensor, sign: SignDelta, scale: torch.Tensor) -> torch.Tensor:
+    """``base + scale[:, None] * sign(Δ)`` in ``base``'s dtype (``scale`` = per-row scales)."""
+    rows = base.shape[0]
+    cols = base.numel() // rows
+    lut = _sign_lut(base.dtype, base.device)
+    signs = lut[sign.signs.long()].reshape(-1)[: rows * cols].reshape(rows, cols)
+    return torch.addcmul(base.reshape(rows, cols), scale.unsqueeze(1), signs).reshape(base.shape)
+
+
+def sign_rows(sign: SignDelta, cols: int, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Signs of the selected rows (``rows`` any shape) -> ``rows.shape + (cols,)``; cols % 8 == 0."""
+    table = sign.signs.view(-1, cols // 8)
+    sel = table[rows.reshape(-1)].long()  # (k, cols/8)
+    lut = _sign_lut(dtype, sel.device)
+    return lut[sel].reshape(*rows.shape, cols)
+
+
+# ---------------------------------------------------------------------------------------------
+# per-tenant data
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TenantInfo:
+    """What the pool knows about a registered fine-tune (returned by list/get)."""
+
+    name: str
+    base: str
+    architecture: str
+    num_labels: int
+    labels: list[str] | None
+    problem_type: str
+    bytes: int
+    created: str
+
+
+@dataclass
+class Prediction:
+    label: str | None
+    score: float
+    scores: dict[str, float] | None = None
+
+
+@dataclass
+class ParamDelta:
+    """How one tenant changes one base parameter (resident form)."""
+
+    kind: str  # "sign" | "dense"
+    sign: SignDelta | None = None  # packed signs on the engine device
+    scale: torch.Tensor | None = None  # per-row scales (rows,) in compute dtype
+    dense: torch.Tensor | None = None  # replacement tensor in compute dtype
+
+    def nbytes(self) -> int:
+        n = 0
+        if self.sign is not None:
+            n += self.sign.signs.numel() + self.scale.numel() * self.scale.element_size()
+        if self.dense is not None:
+            n += self.dense.numel() * self.dense.element_size()
+        return n
+
+
+@dataclass
+class Tenant:
+    info: TenantInfo
+    slot: int
+    # module name -> {param name (local) -> ParamDelta}; modules the tenant leaves alone are absent
+    layers: dict[str, dict[str, ParamDelta]]
+    num_labels: int
+    id2label: dict[int, str] | None
+    problem_type: str
+    merged_bytes: int  # bytes of all working weights if merged (cache admission size)
+
+
+# ---------------------------------------------------------------------------------------------
+# working-weight cache (LRU over tenants, admission by whole tenant)
+# ---------------------------------------------------------------------------------------------
+class WorkingCache:
+    def __init__(self, budget: int):
+        self.budget = int(budget)
+        self._entries: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
+        self._reserved: dict[int, int] = {}
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+
+    @property
+    def used(self) -> int:
+        return sum(self._reserved.values())
+
+    def resident(self, slot: int) -> int:
+        return sum(t.numel() * t.element_size() for t in self._entries.get(slot, {}).values())
+
+    def admit(self, slot: int, size: int, pinned: set[int]) -> bool:
+        """Reserve ``size`` bytes for ``slot`` (evicting LRU tenants not in ``pinned``)."""
+        if slot in self._entries:
+            self._entries.move_to_end(slot)
+            return True
+        if size > self.budget:
+            return False
+        while self.used + size > self.budget:
+            victim = next((s for s in self._entries if s not in pinned), None)
+            if victim is None:
+                return False
+            self.drop(victim)
+            self.evictions += 1
+        self._entries[slot] = {}
+        self._reserved[slot] = size
+        return True
+
+    def get(self, slot: int, key: str) -> torch.Tensor | None:
+        d = self._entries.get(slot)
+        t = d.get(key) if d is not None else None
+        if t is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return t
+
+    def put(self, slot: int, key: str, t: torch.Tensor) -> None:
+        d = self._entries.get(slot)
+        if d is not None:
+            d[key] = t
+
+    def drop(self, slot: int) -> None:
+        self._entries.pop(slot, None)
+        self._reserved.pop(slot, None)
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._reserved.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# the forward context shared by all wrappers during one batched forward
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class BatchContext:
+    batch_size: int
+    groups: list[tuple[int, torch.Tensor]]  # (slot, row indices), slots in first-seen order
+    tenants: dict[int, Tenant]
+    admitted: set[int] = field(default_factory=set)
+
+
+# ---------------------------------------------------------------------------------------------
+# layer kernels: how to run a module with explicit parameters (registry, generic fallback)
+# ---------------------------------------------------------------------------------------------
+Kernel = Callable[[nn.Module, dict[str, torch.Tensor], tuple, dict], Any]
+_KERNELS: dict[type, Kernel] = {}
+
+
+def register_kernel(cls: type) -> Callable[[Kernel], Kernel]:
+    """Register a functional kernel ``fn(module, params, args, kwargs)`` for a module type."""
+
+    def deco(fn: Kernel) -> Kernel:
+        _KERNELS[cls] = fn
+        return fn
+
+    return deco
+
+
+@register_kernel(nn.Linear)
+def _linear(m, p, args, kwargs):
+    return F.linear(args[0], p["weight"], p.get("bias"))
+
+
+@register_kernel(nn.LayerNorm)
+def _layer_norm(m, p, args, kwargs):
+    return F.layer_norm(args[0], m.normalized_shape, p.get("weight"), p.get("bias"), m.eps)
+
+
+try:  # GPT-2 style Conv1D: y = x @ W + b with W of shape (in, out)
+    from transformers.pytorch_utils import Conv1D
+
+    @register_kernel(Conv1D)
+    def _conv1d(m, p, args, kwargs):
+        x = args[0]
+        w = p["weight"]
+        y = x.reshape(-1, x.shape[-1]) @ w
+        if p.get("bias") is not None:
+            y = y + p["bias"]
+        return y.reshape(*x.shape[:-1], w.shape[1])
+except ImportError:  # pragma: no cover - transformers always has it today
+    pass
+
+
+def _generic_kernel(m, p, args, kwargs):
+    return torch.func.functional_call(m, p, args, kwargs, strict=False)
+
+
+def _kernel_for(module: nn.Module) -> Kernel:
+    for cls in type(module).__mro__:
+        k = _KERNELS.get(cls)
+        if k is not None:
+            return k
+    return _generic_kernel
+
+
+class TenantLayer(nn.Module):
+    """Wraps one parameter-bearing leaf module; applies each row's tenant parameters."""
+
+    def __init__(self, name: str, base: nn.Module, engine: "MultiTenantEngine"):
+        super().__init__()
+        self.name = name
+        self.base = base
+        self._engine = [engine]  # list: keep the engine out of the module tree
+        self.kernel = _kernel_for(base)
+        self.param_names = [n for n, _ in base.named_parameters(recurse=False)]
+
+    def forward(self, *args, **kwargs):
+        ctx = self._engine[0]._ctx
+        if ctx is None or (len(ctx.groups) == 1 and ctx.groups[0][0] == BASE_SLOT):
+            return self.base(*args, **kwargs)
+        touched = [g for g in ctx.groups if self.name in ctx.tenants.get(g[0], _NO_TENANT).layers]
+        if not touched:
+            return self.base(*args, **kwargs)
+        if isinstance(self.base, nn.Embedding):
+            return self._embedding(args[0], ctx)
+        B = ctx.batch_size
+        if len(ctx.groups) == 1:  # one tenant for the whole batch: no slicing
+            slot = ctx.groups[0][0]
+            return self.kernel(self.base, self._params(slot, ctx), args, kwargs)
+        x = args[0]
+        if not (isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == B):
+            raise InvalidInputError(
+                f"layer {self.name} received an input whose first dim {tuple(getattr(x, 'shape', ()))} "
+                f"is not the batch size {B}; this architecture cannot mix tenants per row"
+            )
+        outs = []
+        for slot, rows in ctx.groups:
+            sub_args = tuple(_take_rows(a, rows, B) for a in args)
+            sub_kwargs = {k: _take_rows(v, rows, B) for k, v in kwargs.items()}
+            if slot == BASE_SLOT or self.name not in ctx.tenants[slot].layers:
+                y = self.base(*sub_args, **sub_kwargs)
+            else:
+                y = self.kernel(self.base, self._params(slot, ctx), sub_args, sub_kwargs)
+            outs.append((rows, y))
+        return _scatter_rows(outs, B)
+
+    # -- parameters of one tenant for this layer -------------------------------------------
+    def _params(self, slot: int, ctx: BatchContext) -> dict[str, torch.Tensor]:
+        tenant = ctx.tenants[slot]
+        deltas = tenant.layers.get(self.name, {})
+        engine = self._engine[0]
+        out = {}
+        for pname in self.param_names:
+            base_p = getattr(self.base, pname)
+            d = deltas.get(pname)
+            if d is None:
+                out[pname] = base_p
+            elif d.kind == "dense":
+                out[pname] = d.dense
+            else:
+                key = f"{self.name}.{pname}"
+                w = engine._cache.get(slot, key) if slot in ctx.admitted else None
+                if w is None:
+                    w = merged_weight(base_p.detach(), d.sign, d.scale)
+                    if slot in ctx.admitted:
+                        engine._cache.put(slot, key, w)
+                out[pname] = w
+        return out
+
+    def _embedding(self, ids: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
+        m: nn.Embedding = self.base
+        B = ctx.batch_size
+        if ids.shape[0] != B:
+            if ids.shape[0] != 1:
+                raise InvalidInputError(f"embedding {self.name}: ids batch {ids.shape[0]} != batch size {B}")
+            ids = ids.expand(B, *ids.shape[1:])
+        out = F.embedding(ids, m.weight, m.padding_idx)
+        for slot, rows in ctx.groups:
+            if slot == BASE_SLOT:
+                continue
+            d = ctx.tenants[slot].layers.get(self.name, {}).get("weight")
+            if d is None:
+                continue
+            r_ids = ids[rows]
+            if d.kind == "dense":
+                out[rows] = F.embedding(r_ids, d.dense, m.padding_idx)
+            else:
+                delta = sign_rows(d.sign, m.embedding_dim, r_ids, out.dtype) * d.scale[r_ids].unsqueeze(-1)
+                out[rows] = out[rows] + delta
+        return out
+
+
+class _NoTenant:
+    layers: dict = {}
+
+
+_NO_TENANT = _NoTenant()
+
+
+def _take_rows(a, rows: torch.Tensor, B: int):
+    if isinstance(a, torch.Tensor) and a.dim() >= 1 and a.shape[0] == B:
+        return a.index_select(0, rows)
+    return a
+
+
+def _scatter_rows(outs: list[tuple[torch.Tensor, Any]], B: int):
+    first = outs[0][1]
+    if isinstance(first, (tuple, list)):
+        return type(first)(_scatter_rows([(r, y[i]) for r, y in outs], B) for i in range(len(first)))
+    if not isinstance(first, torch.Tensor):
+        return first
+    width = max(y.shape[-1] for _, y in outs) if first.dim() >= 2 else None
+    shape = (B, *first.shape[1:-1], width) if width is not None else (B, *first.shape[1:])
+    needs_pad = width is not None and any(y.shape[-1] != width for _, y in outs)
+    out = (first.new_zeros if needs_pad else first.new_empty)(shape)
+    for rows, y in outs:
+        if needs_pad:
+            out[rows, ..., : y.shape[-1]] = y
+        else:
+            out.index_copy_(0, rows, y)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the engine
+# ---------------------------------------------------------------------------------------------
+class MultiTenantEngine:
+    """One base model + a pool of 1-bit deltas; ``classify`` mixes tenants in one forward.
+
+    >>> eng = MultiTenantEngine("path/to/base")                       # doctest: +SKIP
+    >>> eng.register("sst2", "sst2.safetensors")                      # doctest: +SKIP
+    >>> eng.classify(["great movie", "bad movie"], ["sst2", "sst2"])  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        base: str | os.PathLike | nn.Module,
+        *,
+        device: str = "cpu",
+        dtype: str = "float32",
+        cache_bytes: int = 1 << 30,
+        max_length: int | None = None,
+        tokenizer: Any = None,
+    ):
+        if dtype not in _DTYPES:
+            raise InvalidInputError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        self.device = torch.device(device)
+        self.dtype = _DTYPES[dtype]
+        if isinstance(base, nn.Module):
+            loaded = load_model(base)
+            self.architecture = type(base).__name__
+        else:
+            cls = self._seqcls_class(base)
+            loaded = load_model(base, cls=cls)
+            self.architecture = cls.__name__
+        self.base_name = loaded.name_or_path or self.architecture
+        model = loaded.module.eval()
+        base_state = loaded.base_tensors()
+        # fingerprint digests are taken in the checkpoint's precision, before any cast
+        self._fingerprinter = Fingerprinter({k: v.detach().clone() for k, v in base_state.items()})
+        self._base_state_shapes = {k: tuple(v.shape) for k, v in loaded.state.items()}
+        self._present = set(base_state)
+        model.to(device=self.device, dtype=self.dtype)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.model = model
+        self.config = getattr(model, "config", None)
+        self.tokenizer = tokenizer if tokenizer is not None else self._load_tokenizer(base)
+        self.max_length = int(max_length or self._default_max_length())
+        self._wrap_layers()
+        self._lock = threading.RLock()
+        self._tenants: dict[str, Tenant] = {}
+        self._by_slot: dict[int, Tenant] = {}
+        self._next_slot = 0
+        self._cache = WorkingCache(cache_bytes)
+        self._ctx: BatchContext | None = None
+        self.base_bytes = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+        logger.info("engine ready: %s (%s) on %s/%s, %.1f MB base", self.architecture, self.base_name,
+                    self.device, dtype, self.base_bytes / 1e6)
+
+    # -- construction helpers ----------------------------------------------------------------
+    @staticmethod
+    def _seqcls_class(base) -> type:
+        from transformers import AutoConfig, AutoModelForSequenceClassification
+
+        try:
+            cfg = AutoConfig.from_pretrained(os.fspath(base))
+        except Exception as e:  # noqa: BLE001
+            raise ModelLoadError(f"cannot load the base config from {os.fspath(base)!r}: {e}") from None
+        for arch in getattr(cfg, "architectures", None) or []:
+            if arch.endswith("ForSequenceClassification"):
+                return resolve_class(arch)
+        mapping = AutoModelForSequenceClassification._model_mapping
+        try:
+            return mapping[type(cfg)]
+        except KeyError:
+            raise ModelLoadError(f"{cfg.model_type!r} has no sequence-classification class") from None
+
+    @staticmethod
+    def _load_tokenizer(base):
+        if isinstance(base, nn.Module):
+            return None
+        try:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(os.fspath(base))
+        except Exception:  # noqa: BLE001 - a base without tokenizer files can still run forward()
+            logger.warning("no tokenizer found for %s: classify() needs one, forward() works", base)
+            return None
+        if tok.pad_token is None and tok.eos_token is not None:
+            tok.pad_token = tok.eos_token
+        return tok
+
+    def _default_max_length(self) -> int:
+        cands = []
+        if self.tokenizer is not None and 0 < getattr(self.tokenizer, "model_max_length", 0) < 100_000:
+            cands.append(self.tokenizer.model_max_length)
+        for key in ("max_position_embeddings", "n_positions"):
+            v = getattr(self.config, key, None)
+            if isinstance(v, int) and v > 0:
+                cands.append(v)
+        return min(cands) if cands else 512
+
+    def _wrap_layers(self) -> None:
+        self._layer_params: dict[str, dict[str, tuple[int, ...]]] = {}
+        targets = [
+            (name, m) for name, m in self.model.named_modules()
+            if name and any(True for _ in m.parameters(recurse=False))
+        ]
+        for name, m in reversed(targets):  # children before parents: paths stay valid
+            self._layer_params[name] = {n: tuple(p.shape) for n, p in m.named_parameters(recurse=False)}
+            _replace_submodule(self.model, name, TenantLayer(name, m, self))
+        # names of the full model's parameters -> (module, local name)
+        self._param_owner: dict[str, tuple[str, str]] = {}
+        for mname, params in self._layer_params.items():
+            for pname in params:
+                self._param_owner[f"{mname}.{pname}"] = (mname, pname)
+        self._head_params = self._find_head_params()
+
+    def _find_head_params(self) -> set[str]:
+        """Linear output layers whose width is the number of labels (may differ per tenant)."""
+        n = getattr(self.config, "num_labels", None)
+        heads = set()
+        for mname, params in self._layer_params.items():
+            w = params.get("weight")
+            if w is not None and len(w) == 2 and w[0] == n:
+                heads.add(f"{mname}.weight")
+                if "bias" in params:
+                    heads.add(f"{mname}.bias")
+        return heads
+
+    # -- pool management ---------------------------------------------------------------------
+    def validate(self, artifact: DeltaArtifact | str | os.PathLike | bytes) -> DeltaArtifact:
+        """Fully check that ``artifact`` can be served on this base (raises typed errors)."""
+        art = self._as_artifact(artifact)
+        arch = art.model.get("architecture")
+        if arch is not None and arch != self.architecture:
+            raise BaseMismatchError(f"the delta is for a {arch}, this engine serves {self.architecture}")
+        if art.tokenizer:
+            raise BaseMismatchError(
+                "the delta's tokenizer adds tokens to the base's; a shared-base engine serves only "
+                "fine-tunes that keep the base vocabulary"
+            )
+        check_base(self._fingerprinter._state, art, self._fingerprinter)
+        covered = set(art.tensors) | set(art.tied)
+        missing = [n for n in self._param_owner if n not in covered]
+        if missing:
+            raise BaseMismatchError(f"the delta has no entry for parameter {missing[0]!r} of the base model")
+        for name, e in art.tensors.items():
+            if name not in self._param_owner:
+                if name in self._base_state_shapes:  # a buffer: must equal the base's
+                    if e.codec != Codec.BASE:
+                        raise BaseMismatchError(f"the delta changes buffer {name!r}, which the engine cannot serve")
+                    continue
+                raise BaseMismatchError(f"the delta has a tensor {name!r} that the base model does not have")
+            want = self._base_state_shapes[name]
+            if e.codec == Codec.RESIZED:
+                raise BaseMismatchError(f"the delta resizes {name!r}; the engine serves the base vocabulary only")
+            if tuple(e.shape) != want:
+                ok_head = name in self._head_params and tuple(e.shape[1:]) == want[1:]
+                if not ok_head:
+                    raise BaseMismatchError(f"tensor {name!r} has shape {tuple(e.shape)}, the base has {want}")
+        return art
+
+    def _as_artifact(self, artifact) -> DeltaArtifact:
+        if isinstance(artifact, DeltaArtifact):
+            return artifact
+        if isinstance(artifact, (bytes, bytearray, memoryview)):
+            return artifact_from_bytes(bytes(artifact))
+        return load_artifact(artifact)
+
+    def register(self, name: str, artifact: DeltaArtifact | str | os.PathLike | bytes, *,
+                 replace: bool = False) -> TenantInfo:
+        """Add a fine-tune. Validation happens before anything becomes visible."""
+        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+            raise InvalidInputError(
+                f"invalid model name {name!r}: use 1-64 characters from [A-Za-z0-9._-], starting alphanumeric"
+            )
+        if not replace and name in self._tenants:
+            raise ModelExistsError(f"model {name!r} is already registered")
+        art = self.validate(artifact)
+        layers, merged_bytes = self._resident_layers(art)
+        num_labels, id2label, problem = _head_info(art, self.config)
+        nbytes = sum(d.nbytes() for ps in layers.values() for d in ps.values())
+        info = TenantInfo(
+            name=name,
+            base=self.base_name,
+            architecture=art.model.get("architecture") or self.architecture,
+            num_labels=num_labels,
+            labels=[id2label[i] for i in range(num_labels)] if problem != "regression" else None,
+            problem_type=problem,
+            bytes=nbytes,
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        )
+        with self._lock:
+            if not replace and name in self._tenants:
+                raise ModelExistsError(f"model {name!r} is already registered")
+            old = self._tenants.get(name)
+            slot = self._next_slot
+            self._next_slot += 1
+            tenant = Tenant(info, slot, layers, num_labels, id2label, problem, merged_bytes)
+            self._tenants[name] = tenant
+            self._by_slot[slot] = tenant
+            if old is not None:
+                self._by_slot.pop(old.slot, None)
+                self._cache.drop(old.slot)
+        logger.info("registered %s (%d labels, %.2f MB packed)%s", name, num_labels, nbytes / 1e6,
+                    " replacing the previous version" if old else "")
+        return info
+
+    def _resident_layers(self, art: DeltaArtifact) -> tuple[dict[str, dict[str, ParamDelta]], int]:
+        layers: dict[str, dict[str, ParamDelta]] = {}
+        merged = 0
+        for full, (mname, pname) in self._param_owner.items():
+            e = art.tensors.get(full) or art.tensors.get(art.tied.get(full, ""))
+            if e is None or e.codec == Codec.BASE:
+                continue
+            if e.codec == Codec.DENSE:
+                d = ParamDelta("dense", dense=e.dense.to(device=self.device, dtype=self.dtype))
+            else:
+                s = e.sign
+                sign = SignDelta(s.shape, s.signs.to(self.device), s.scale.to(self.device), s.granularity,
+                                 None if s.rowmask is None else s.rowmask.to(self.device))
+                d = ParamDelta("sign", sign=sign, scale=s.row_scales(torch.float32).to(self.device, self.dtype))
+                if not isinstance(self._module(mname), nn.Embedding):
+                    merged += math.prod(s.shape) * self.dtype.itemsize
+            layers.setdefault(mname, {})[pname] = d
+        return layers, merged
+
+    def _module(self, mname: str) -> nn.Module:
+        return self.model.get_submodule(mname).base
+
+    def unregister(self, name: str) -> None:
+        with self._lock:
+            t = self._tenants.pop(name, None)
+            if t is None:
+                raise UnknownModelError(f"model {name!r} is not registered")
+            self._by_slot.pop(t.slot, None)
+            self._cache.drop(t.slot)
+        logger.info("unregistered %s", name)
+
+    def get(self, name: str) -> TenantInfo:
+        t = self._tenants.get(name)
+        if t is None:
+            raise UnknownModelError(f"model {name!r} is not registered")
+        return t.info
+
+    def list(self) -> list[TenantInfo]:
+        return [t.info for t in list(self._tenants.values())]
+
+    def __contains__(self, name) -> bool:
+        return name in self._tenants
+
+    def __len__(self) -> int:
+        return len(self._tenants)
+
+    # -- forward -------------------------------------------------------------------------------
+    def count_tokens(self, inputs: Sequence) -> list[int]:
+        self._need_tokenizer()
+        return [len(self._encode_one(x, truncate=False)) for x in _check_inputs(inputs)]
+
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise InvalidInputError("this engine has no tokenizer; use forward() with token ids")
+
+    def _encode_one(self, x, truncate: bool):
+        if isinstance(x, str):
+            return self.tokenizer(x, truncation=truncate, max_length=self.max_length if truncate else None)["input_ids"]
+        return self.tokenizer(x[0], x[1], truncation=truncate,
+                              max_length=self.max_length if truncate else None)["input_ids"]
+
+    def tokenize(self, inputs: Sequence, *, truncate: bool = True) -> dict[str, torch.Tensor]:
+        self._need_tokenizer()
+        inputs = _check_inputs(inputs)
+        if not truncate:
+            for i, x in enumerate(inputs):
+                n = len(self._encode_one(x, truncate=False))
+                if n > self.max_length:
+                    raise InputTooLongError(
+                        f"input {i} has {n} tokens, more than the maximum {self.max_length} (truncate=false)"
+                    )
+        firsts = [x if isinstance(x, str) else x[0] for x in inputs]
+        seconds = None if all(isinstance(x, str) for x in inputs) else [
+            None if isinstance(x, str) else x[1] for x in inputs]
+        if seconds is not None and any(s is None for s in seconds):
+            # mixed single texts and pairs: tokenize separately, pad together
+            encs = [self.tokenizer(*((x,) if isinstance(x, str) else tuple(x)), truncation=True,
+                                   max_length=self.max_length) for x in inputs]
+            return {k: v.to(self.device) for k, v in self.tokenizer.pad(encs, return_tensors="pt").items()}
+        enc = self.tokenizer(firsts, seconds, truncation=True, max_length=self.max_length, padding=True,
+                             return_tensors="pt")
+        return {k: v.to(self.device) for k, v in enc.items()}
+
+    def forward(self, encodings: dict[str, torch.Tensor], models: Sequence[str | None] | str | None) -> torch.Tensor:
+        """Logits ``(batch, widest head in the batch)`` for already-tokenized inputs.
+
+        ``models[i]`` names row ``i``'s tenant; ``None`` runs that row on the plain base.
+        """
+        if not encodings:
+            raise InvalidInputError("empty encodings")
+        first = next(iter(encodings.values()))
+        if not isinstance(first, torch.Tensor) or first.dim() < 1 or first.shape[0] == 0:
+            raise InvalidInputError("the batch is empty")
+        B = first.shape[0]
+        for k, v in encodings.items():
+            if not isinstance(v, torch.Tensor) or v.shape[:1] != (B,) or v.shape != first.shape:
+                raise InvalidInputError(
+                    f"input {k!r} has shape {tuple(getattr(v, 'shape', ()))}, expected {tuple(first.shape)}"
+                )
+        if models is None or isinstance(models, str):
+            models = [models] * B
+        models = list(models)
+        if len(models) != B:
+            raise InvalidInputError(f"{len(models)} model names for a batch of {B} rows")
+        with self._lock:
+            tenants = []
+            for m in models:
+                if m is None:
+                    tenants.append(None)
+                    continue
+                t = self._tenants.get(m)
+                if t is None:
+                    raise UnknownModelError(f"model {m!r} is not registered")
+                tenants.append(t)
+            ctx = self._make_context(tenants, B)
+            self._ctx = ctx
+            try:
+                with torch.inference_mode():
+                    out = self.model(**{k: v.to(self.device) for k, v in encodings.items()})
+            finally:
+                self._ctx = None
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        return logits
+
+    def _make_context(self, tenants: list[Tenant | None], B: int) -> BatchContext:
+        slots = [BASE_SLOT if t is None else t.slot for t in tenants]
+        order: dict[int, list[int]] = {}
+        for i, s in enumerate(slots):
+            order.setdefault(s, []).append(i)
+        groups = [(s, torch.tensor(rows, device=self.device)) for s, rows in order.items()]
+        by_slot = {t.slot: t for t in tenants if t is not None}
+        ctx = BatchContext(B, groups, by_slot)
+        pinned = set(by_slot)
+        for s, rows in sorted(order.items(), key=lambda kv: -len(kv[1])):  # hottest first
+            if s != BASE_SLOT and self._cache.admit(s, by_slot[s].merged_bytes, pinned):
+                ctx.admitted.add(s)
+        return ctx
+
+    def classify(self, inputs: Sequence, models: Sequence[str] | str, *, truncate: bool = True,
+                 return_all_scores: bool = False) -> list[Prediction]:
+        """Classify ``inputs`` (texts or text pairs); ``models`` names each row's fine-tune."""
+        inputs = _check_inputs(inputs)
+        if isinstance(models, str):
+            models = [models] * len(inputs)
+        models = list(models)
+        if len(models) != len(inputs):
+            raise InvalidInputError(f"{len(models)} model names for {len(inputs)} inputs")
+        for m in models:  # fail before tokenizing
+            if m not in self._tenants:
+                raise UnknownModelError(f"model {m!r} is not registered")
+        enc = self.tokenize(inputs, truncate=truncate)
+        logits = self.forward(enc, models).float().cpu()
+        preds = []
+        for i, m in enumerate(models):
+            t = self._tenants.get(m) or _stale_tenant(m)
+            preds.append(_postprocess(logits[i, : t.num_labels], t, return_all_scores))
+        return preds
+
+    # -- reporting -----------------------------------------------------------------------------
+    def memory_report(self) -> dict[str, Any]:
+        with self._lock:
+            tenants = {
+                n: {"packed": t.info.bytes, "cache": self._cache.resident(t.slot)} for n, t in self._tenants.items()
+            }
+            return {
+                "base_bytes": self.base_bytes,
+                "pool_bytes": sum(v["packed"] for v in tenants.values()),
+                "cache_bytes": sum(v["cache"] for v in tenants.values()),
+                "cache_budget": self._cache.budget,
+                "cache_hits": self._cache.hits,
+                "cache_misses": self._cache.misses,
+                "cache_evictions": self._cache.evictions,
+                "tenants": tenants,
+            }
+
+
+def _stale_tenant(name: str):
+    raise UnknownModelError(f"model {name!r} was removed while the request ran")
+
+
+def _check_inputs(inputs) -> list:
+    if not isinstance(inputs, (list, tuple)) or len(inputs) == 0:
+        raise InvalidInputError("inputs must be a non-empty list of texts or [text, text] pairs")
+    out = []
+    for i, x in enumerate(inputs):
+        if isinstance(x, str):
+            out.append(x)
+        elif isinstance(x, (list, tuple)) and len(x) == 2 and all(isinstance(s, str) for s in x):
+            out.append((x[0], x[1]))
+        else:
+            raise InvalidInputError(f"input {i} must be a string or a pair of strings, got {type(x).__name__}")
+    return out
+
+
+def _head_info(art: DeltaArtifact, config) -> tuple[int, dict[int, str], str]:
+    num_labels = art.num_labels or getattr(config, "num_labels", 2)
+    id2label = art.id2label() or {i: f"LABEL_{i}" for i in range(num_labels)}
+    problem = art.model.get("problem_type")
+    if problem is None:
+        problem = "regression" if num_labels == 1 else "single_label_classification"
+    return num_labels, id2label, problem
+
+
+def _postprocess(row: torch.Tensor, t: Tenant, all_scores: bool) -> Prediction:
+    if t.problem_type == "regression":
+        return Prediction(label=None, score=float(row[0]), scores=None)
+    probs = torch.sigmoid(row) if t.problem_type == "multi_label_classification" else torch.softmax(row, -1)
+    k = int(torch.argmax(probs))
+    scores = {t.id2label[i]: float(probs[i]) for i in range(t.num_labels)} if all_scores else None
+    return Prediction(label=t.id2label[k], score=float(probs[k]), scores=scores)
+
+
+def _replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
