@@ -1,0 +1,218 @@
+"""Multi-tenant engine: mixed batches must equal one-model-at-a-time ``apply`` references."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from bitdelta_core.apply import apply
+from bitdelta_core.compress import compress
+from bitdelta_core.errors import (
+    BaseMismatchError,
+    InputTooLongError,
+    InvalidInputError,
+    ModelExistsError,
+    UnknownModelError,
+)
+from bitdelta_core.multitenant import MultiTenantEngine, merged_weight
+from bitdelta_core.codec import encode
+
+from tiny_models import VOCAB, finetune_tiny, save_tiny_base
+
+ARCHS = ["bert", "distilbert", "gpt2", "llama", "roberta"]
+HEADS = {"two": (2, None), "three": (3, None), "reg": (1, None), "multi": (3, "multi_label_classification")}
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def setup(request, tmp_path_factory):
+    arch = request.param
+    root = tmp_path_factory.mktemp(arch)
+    base = save_tiny_base(root / "base", arch)
+    arts, refs = {}, {}
+    for i, (name, (nl, pt)) in enumerate(HEADS.items()):
+        ft = finetune_tiny(base, root / name, nl, seed=10 + i, problem_type=pt)
+        arts[name] = compress(base, ft, progress=False)
+        refs[name] = apply(base, arts[name])
+    refs[None] = apply(base, compress(base, base, progress=False))  # the plain base, as loaded
+    return arch, base, arts, refs
+
+
+def _batch(seed=0, B=9, L=11):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, VOCAB, (B, L), generator=g)
+    mask = torch.ones_like(ids)
+    mask[min(2, B - 1), 7:] = 0
+    mask[min(5, B - 1), 3:] = 0
+    ids[mask == 0] = 0
+    return ids, mask
+
+
+def _reference(refs, names, ids, mask):
+    rows = []
+    for i, n in enumerate(names):
+        with torch.no_grad():
+            rows.append(refs[n](input_ids=ids[i : i + 1], attention_mask=mask[i : i + 1]).logits[0])
+    return rows
+
+
+@pytest.mark.parametrize("cache_bytes", [1 << 30, 0], ids=["cached", "uncached"])
+def test_mixed_batch_matches_per_model_reference(setup, cache_bytes):
+    arch, base, arts, refs = setup
+    eng = MultiTenantEngine(base, cache_bytes=cache_bytes)
+    for n, a in arts.items():
+        eng.register(n, a)
+    names = ["two", "three", None, "reg", "two", "multi", "three", None, "reg"]
+    ids, mask = _batch()
+    for _ in range(2):  # second pass runs from the working-weight cache
+        logits = eng.forward({"input_ids": ids, "attention_mask": mask}, names)
+        assert logits.shape == (len(names), 3)
+        for i, ref in enumerate(_reference(refs, names, ids, mask)):
+            torch.testing.assert_close(logits[i, : ref.shape[0]], ref, atol=1e-4, rtol=0,
+                                       msg=f"{arch} row {i} ({names[i]})")
+    # the reference is not trivially satisfied: tenants really differ from the base and each other
+    assert not torch.allclose(logits[0, :2], logits[2, :2], atol=1e-3)
+    mem = eng.memory_report()
+    assert (mem["cache_bytes"] > 0) == (cache_bytes > 0)
+
+
+def test_single_tenant_and_base_only_batches(setup):
+    arch, base, arts, refs = setup
+    eng = MultiTenantEngine(base)
+    eng.register("three", arts["three"])
+    ids, mask = _batch(seed=3, B=4)
+    for names in (["three"] * 4, [None] * 4):
+        logits = eng.forward({"input_ids": ids, "attention_mask": mask}, names)
+        for i, ref in enumerate(_reference(refs, names, ids, mask)):
+            torch.testing.assert_close(logits[i, : ref.shape[0]], ref, atol=1e-4, rtol=0)
+
+
+def test_merged_weight_is_base_plus_scaled_signs():
+    torch.manual_seed(0)
+    base = torch.randn(6, 24)
+    delta = torch.randn(6, 24) * 1e-2
+    delta[4] = 0
+    code = encode(delta)
+    want = base + code.scale.float()[:, None] * torch.where(delta >= 0, 1.0, -1.0)
+    got = merged_weight(base, code, code.row_scales())
+    assert torch.equal(got, want)
+    assert torch.equal(got[4], base[4])
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bert_err")
+    base = save_tiny_base(root / "base", "bert")
+    other = save_tiny_base(root / "other", "bert", seed=99)
+    ft = finetune_tiny(base, root / "ft", 2)
+    ft_other = finetune_tiny(other, root / "ft_other", 2)
+    return base, compress(base, ft, progress=False), compress(other, ft_other, progress=False)
+
+
+def test_classify_texts_and_pairs(bert):
+    base, art, _ = bert
+    eng = MultiTenantEngine(base)
+    eng.register("sent", art)
+    ref = apply(base, art)
+    texts = ["w1 w2 w3", ["w4 w5", "w6"], "w7 w8 w9 w10 w11"]
+    preds = eng.classify(texts, "sent", return_all_scores=True)
+    for x, p in zip(texts, preds):
+        enc = eng.tokenizer(*((x,) if isinstance(x, str) else tuple(x)), return_tensors="pt")
+        with torch.no_grad():
+            probs = ref(**enc).logits[0].softmax(-1)
+        k = int(probs.argmax())
+        assert p.label == ref.config.id2label[k]
+        assert p.score == pytest.approx(float(probs[k]), abs=1e-5)
+        assert set(p.scores) == set(ref.config.id2label.values())
+    with pytest.raises(InputTooLongError, match="maximum"):
+        eng.classify(["w1 " * 100], "sent", truncate=False)
+    assert len(eng.classify(["w1 " * 100], "sent")) == 1  # truncated by default
+
+
+def test_bad_input_keeps_pool_intact(bert):
+    base, art, other_art = bert
+    eng = MultiTenantEngine(base)
+    eng.register("sent", art)
+    before = eng.list()
+    with pytest.raises(UnknownModelError, match="nope"):
+        eng.classify(["w1"], ["nope"])
+    with pytest.raises(BaseMismatchError):
+        eng.register("other", other_art)
+    with pytest.raises(ModelExistsError, match="sent"):
+        eng.register("sent", art)
+    with pytest.raises(InvalidInputError, match="name"):
+        eng.register("../x", art)
+    with pytest.raises(InvalidInputError):
+        eng.classify([], "sent")
+    with pytest.raises(InvalidInputError):
+        eng.classify(["a", "b"], ["sent"])
+    with pytest.raises(InvalidInputError):
+        eng.classify([3], "sent")
+    ids, mask = _batch(B=3)
+    with pytest.raises(InvalidInputError, match="shape"):
+        eng.forward({"input_ids": ids, "attention_mask": mask[:2]}, ["sent"] * 3)
+    with pytest.raises(InvalidInputError, match="empty"):
+        eng.forward({"input_ids": ids[:0]}, [])
+    with pytest.raises(UnknownModelError):
+        eng.unregister("nope")
+    assert eng.list() == before
+    assert eng.classify(["w1 w2"], "sent")[0].label is not None
+
+
+def test_replace_and_unregister(bert, tmp_path):
+    base, art, _ = bert
+    ft2 = finetune_tiny(base, tmp_path / "ft2", 3, seed=5)
+    art2 = compress(base, ft2, progress=False)
+    eng = MultiTenantEngine(base)
+    eng.register("m", art)
+    eng.register("m", art2, replace=True)
+    assert eng.get("m").num_labels == 3
+    ref = apply(base, art2)
+    ids, mask = _batch(B=2)
+    torch.testing.assert_close(eng.forward({"input_ids": ids, "attention_mask": mask}, ["m", "m"]),
+                               ref(input_ids=ids, attention_mask=mask).logits.detach(), atol=1e-4, rtol=0)
+    eng.unregister("m")
+    assert "m" not in eng and eng.memory_report()["pool_bytes"] == 0
+    with pytest.raises(UnknownModelError):
+        eng.forward({"input_ids": ids}, ["m", "m"])
+
+
+def test_concurrent_register_and_classify(bert):
+    base, art, _ = bert
+    eng = MultiTenantEngine(base)
+    eng.register("fixed", art)
+    want = [p.label for p in eng.classify(["w1 w2", "w3"], "fixed")]
+    errors = []
+
+    def reader():
+        try:
+            for _ in range(10):
+                assert [p.label for p in eng.classify(["w1 w2", "w3"], "fixed")] == want
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    def writer():
+        try:
+            for i in range(5):
+                eng.register(f"t{i}", art)
+                eng.unregister(f"t{i}")
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=reader), threading.Thread(target=writer)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors
+    assert [t.name for t in eng.list()] == ["fixed"]
+
+
+def test_packed_pool_bytes_close_to_artifact(bert, tmp_path):
+    base, art, _ = bert
+    eng = MultiTenantEngine(base)
+    info = eng.register("m", art)
+    size = art.save(tmp_path / "m.safetensors")
+    # packed signs + scales + dense tensors in fp32 (the artifact keeps them in fp16)
+    assert info.bytes <= 1.5 * size
