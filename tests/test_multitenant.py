@@ -216,3 +216,18 @@ def test_packed_pool_bytes_close_to_artifact(bert, tmp_path):
     size = art.save(tmp_path / "m.safetensors")
     # packed signs + scales + dense tensors in fp32 (the artifact keeps them in fp16)
     assert info.bytes <= 1.5 * size
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype,atol", [("float32", 1e-3), ("bfloat16", 6e-2)])
+def test_cuda_mixed_batch_matches_cpu_reference(setup, dtype, atol):
+    arch, base, arts, refs = setup
+    eng = MultiTenantEngine(base, device="cuda", dtype=dtype)
+    for n, a in arts.items():
+        eng.register(n, a)
+    names = ["two", "three", None, "reg", "multi", "two"]
+    ids, mask = _batch(B=len(names))
+    logits = eng.forward({"input_ids": ids.cuda(), "attention_mask": mask.cuda()}, names).float().cpu()
+    for i, ref in enumerate(_reference(refs, names, ids, mask)):
+        torch.testing.assert_close(logits[i, : ref.shape[0]], ref, atol=atol, rtol=0)

