@@ -103,15 +103,17 @@ def encode(
     if delta.dim() < 2:
         raise ValueError(f"1-bit codec needs a tensor of rank >= 2, got shape {tuple(delta.shape)}")
     d = delta.detach().float().reshape(delta.shape[0], -1)
-    absd = d.abs()
     signs = pack_signs(d)
+    # sum_r |Δ| in one pass (no |Δ| temporary); mean = sum / cols
+    l1 = torch.linalg.vector_norm(d, ord=1, dim=1)
+    cols = max(d.shape[1], 1)
     rowmask = None
     if granularity == Granularity.ROW:
-        scale = absd.mean(dim=1)
+        scale = l1 / cols
     else:
-        changed = absd.amax(dim=1) > 0
+        changed = d.ne(0).any(dim=1)
         n_changed = int(changed.sum())
-        mean = absd[changed].mean() if n_changed else absd.new_zeros(())
+        mean = l1[changed].sum() / (n_changed * cols) if n_changed else l1.new_zeros(())
         scale = mean.reshape(1)
         if n_changed < d.shape[0]:
             rowmask = pack_bits(changed)

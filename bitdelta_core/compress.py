@@ -10,6 +10,7 @@ import datetime as _dt
 import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .artifact import DeltaArtifact, TensorEntry, dtype_name
 from .codec import encode
-from .errors import ArchitectureMismatchError
+from .errors import ArchitectureMismatchError, ModelLoadError
 from .models import Fingerprinter, LoadedModel, ModelSource, load_model, load_tokenizer
 from .select import Codec, CompressionConfig, TensorPlan, decide
 
@@ -168,38 +169,22 @@ def compress(
     """Compress ``finetuned`` against ``base`` (HF folders/hub ids, ``nn.Module`` or state dicts)."""
     config = config or CompressionConfig()
     b, ft = _as_pair(base, finetuned)
-    plans = decide(ft.state, b.base_tensors(), config, ft.tied)
     base_state = b.base_tensors()
-    entries: dict[str, TensorEntry] = {}
-    fp_names: list[str] = []
-    num_params = 0
-    for p in tqdm(plans, desc="compress", unit="tensor", disable=not progress, leave=False):
-        if p.tied_to is not None:
-            continue
-        t = ft.state[p.name]
-        num_params += t.numel()
-        e = TensorEntry(p.codec, p.shape, dtype_name(t.dtype), base_shape=p.base_shape)
-        if p.codec == Codec.BASE:
-            fp_names.append(p.name)
-        elif p.codec == Codec.SIGN1:
-            e.sign = encode(t.float() - base_state[p.name].float(), config.granularity, config.scale_torch_dtype)
-            fp_names.append(p.name)
-        elif p.codec == Codec.RESIZED:
-            bt = base_state[p.name]
-            k = min(bt.shape[0], t.shape[0])
-            e.sign = encode(t[:k].float() - bt[:k].float(), config.granularity, config.scale_torch_dtype)
-            if t.shape[0] > k:
-                e.dense = t[k:].to(config.dense_torch_dtype(t)).clone()
-            fp_names.append(p.name)
-        else:  # DENSE
-            e.dense = t.detach().to(config.dense_torch_dtype(t)).clone()
-        entries[p.name] = e
+    plans = decide(ft.state, base_state, config, ft.tied, check_identical=False)
     fp = Fingerprinter(base_state)
+    # The base fingerprint (a hash of every base tensor the delta relies on) is computed in a
+    # background thread while the main thread encodes; hashlib releases the GIL.
+    needed = [p.name for p in plans if p.tied_to is None and p.codec in (Codec.BASE, Codec.SIGN1, Codec.RESIZED)]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fingerprint") as pool:
+        hashing = pool.submit(lambda: [fp.digest(n) for n in needed])
+        entries, fp_names, num_params = _encode_all(plans, ft, base_state, config, progress)
+        hashing.result()
+    fingerprint = fp.fingerprint(fp_names)
     art = DeltaArtifact(
         tensors=entries,
         base={
             "name_or_path": b.name_or_path,
-            "fingerprint": fp.fingerprint(fp_names),
+            "fingerprint": fingerprint,
             "fingerprint_names": sorted(fp_names),
         },
         model=model_info(ft),
@@ -215,6 +200,46 @@ def compress(
         art.stored_bytes() * 8 / max(num_params, 1),
     )
     return art
+
+
+def _encode_all(plans: list[TensorPlan], ft: LoadedModel, base_state: dict[str, torch.Tensor],
+                config: CompressionConfig, progress: bool) -> tuple[dict[str, TensorEntry], list[str], int]:
+    entries: dict[str, TensorEntry] = {}
+    fp_names: list[str] = []
+    num_params = 0
+    for p in tqdm(plans, desc="compress", unit="tensor", disable=not progress, leave=False):
+        if p.tied_to is not None:
+            continue
+        t = ft.state[p.name]
+        num_params += t.numel()
+        e = TensorEntry(p.codec, p.shape, dtype_name(t.dtype), base_shape=p.base_shape)
+        if p.codec == Codec.BASE:
+            fp_names.append(p.name)
+        elif p.codec == Codec.SIGN1:
+            delta = t.detach().float() - base_state[p.name].detach().float()
+            e.sign = encode(delta, config.granularity, config.scale_torch_dtype)
+            _check_scale(e.sign, p.name)
+            if not e.sign.scale.any() and not delta.any():  # identical to the base after all
+                e = TensorEntry(Codec.BASE, p.shape, e.dtype, base_shape=p.base_shape)
+            fp_names.append(p.name)
+        elif p.codec == Codec.RESIZED:
+            bt = base_state[p.name]
+            k = min(bt.shape[0], t.shape[0])
+            e.sign = encode(t[:k].detach().float() - bt[:k].detach().float(), config.granularity,
+                            config.scale_torch_dtype)
+            _check_scale(e.sign, p.name)
+            if t.shape[0] > k:
+                e.dense = t[k:].detach().to(config.dense_torch_dtype(t)).clone()
+            fp_names.append(p.name)
+        else:  # DENSE
+            e.dense = t.detach().to(config.dense_torch_dtype(t)).clone()
+        entries[p.name] = e
+    return entries, fp_names, num_params
+
+
+def _check_scale(sign, name: str) -> None:
+    if not torch.isfinite(sign.scale).all():
+        raise ModelLoadError(f"tensor {name!r}: the fine-tune or the base holds NaN/Inf values")
 
 
 def _codec_counts(entries: dict[str, TensorEntry]) -> str:

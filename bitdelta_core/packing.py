@@ -11,13 +11,16 @@ When the last dimension is a multiple of 8 (every hidden size in practice) row `
 ``(rows, cols)`` matrix occupies bytes ``[r*cols/8, (r+1)*cols/8)``, so rows can be gathered
 without unpacking the whole tensor (used by the multi-tenant embedding path).
 
-All functions are vectorised torch (no Python loop over elements) and run on any device.
+All functions are vectorised (no Python loop over elements) and run on any device; CPU tensors
+take numpy's ``packbits``/``unpackbits`` (same layout, ``bitorder="little"``), other devices a
+torch shift-and-sum path. Both are tested against a plain Python reference.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 _SHIFTS = torch.arange(8, dtype=torch.uint8)
@@ -33,6 +36,8 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     if bits.dtype != torch.bool:
         raise TypeError(f"pack_bits expects a bool tensor, got {bits.dtype}")
     flat = bits.reshape(-1)
+    if flat.device.type == "cpu":
+        return torch.from_numpy(np.packbits(flat.numpy(), bitorder="little"))
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
@@ -47,6 +52,9 @@ def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
         raise TypeError(f"unpack_bits expects a uint8 tensor, got {packed.dtype}")
     if packed.numel() * 8 < n:
         raise ValueError(f"{packed.numel()} packed bytes hold fewer than {n} bits")
+    if packed.device.type == "cpu":
+        bits = np.unpackbits(packed.reshape(-1).numpy(), count=n, bitorder="little")
+        return torch.from_numpy(bits).view(torch.bool)
     shifts = _SHIFTS.to(packed.device)
     bits = (packed.reshape(-1, 1) >> shifts) & 1
     return bits.reshape(-1)[:n].bool()

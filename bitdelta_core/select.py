@@ -113,11 +113,15 @@ def decide(
     base: dict[str, torch.Tensor],
     config: CompressionConfig,
     tied: dict[str, str],
+    *,
+    check_identical: bool = True,
 ) -> list[TensorPlan]:
     """Decide the codec of every tensor of the fine-tuned state dict ``ft``.
 
     ``base`` holds only tensors that really come from the base checkpoint; ``tied`` maps an
     alias name to the canonical name it shares storage with (aliases are not stored).
+    ``check_identical=False`` skips the equality test for would-be ``sign1`` tensors (the caller,
+    :func:`bitdelta_core.compress.compress`, detects an all-zero delta while encoding instead).
     """
     used: set[str] = set()
 
@@ -138,9 +142,11 @@ def decide(
         bshape = tuple(b.shape) if b is not None else None
         excluded = hit(config._exclude, name)
         included = True if config._include is None else hit(config._include, name)
+        same = bshape == shape and b is not None and b.dtype == t.dtype
+        sign_candidate = same and t.is_floating_point() and t.dim() >= 2 and included and not excluded
         if b is None:
             plans.append(TensorPlan(name, shape, Codec.DENSE, "absent from base"))
-        elif bshape == shape and b.dtype == t.dtype and torch.equal(b, t):
+        elif same and (check_identical or not sign_candidate) and torch.equal(b, t):
             plans.append(TensorPlan(name, shape, Codec.BASE, "identical to base", bshape))
         elif not t.is_floating_point():
             plans.append(TensorPlan(name, shape, Codec.DENSE, "non-float tensor changed", bshape))
