@@ -38,6 +38,11 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     flat = bits.reshape(-1)
     if flat.device.type == "cpu":
         return torch.from_numpy(np.packbits(flat.numpy(), bitorder="little"))
+    return _pack_bits_torch(flat)
+
+
+def _pack_bits_torch(flat: torch.Tensor) -> torch.Tensor:
+    """Device-agnostic torch path of :func:`pack_bits` (flat bool in)."""
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
@@ -55,6 +60,11 @@ def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
     if packed.device.type == "cpu":
         bits = np.unpackbits(packed.reshape(-1).numpy(), count=n, bitorder="little")
         return torch.from_numpy(bits).view(torch.bool)
+    return _unpack_bits_torch(packed, n)
+
+
+def _unpack_bits_torch(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Device-agnostic torch path of :func:`unpack_bits`."""
     shifts = _SHIFTS.to(packed.device)
     bits = (packed.reshape(-1, 1) >> shifts) & 1
     return bits.reshape(-1)[:n].bool()

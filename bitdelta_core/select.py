@@ -47,7 +47,14 @@ class CompressionConfig:
     exclude: list[str] = field(default_factory=list)
 
     def __post_init__(self):
-        self.granularity = Granularity(self.granularity)
+        try:
+            self.granularity = Granularity(self.granularity)
+        except ValueError:
+            raise ConfigError(
+                f"granularity must be one of {[g.value for g in Granularity]}, got {self.granularity!r}"
+            ) from None
+        if isinstance(self.include, str) or isinstance(self.exclude, str):
+            raise ConfigError("include/exclude must be lists of rules, not a single string")
         if self.scale_dtype not in ("float16", "float32"):
             raise ConfigError(f"scale_dtype must be float16 or float32, got {self.scale_dtype!r}")
         if self.dense_dtype not in (*_DTYPES, "exact"):

@@ -1,0 +1,98 @@
+"""Delta codec: signs, scales (row / tensor), exact zero rows, fp16 fallback, stored-tensor checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bitdelta_core.codec import Granularity, encode, from_tensors
+from bitdelta_core.packing import unpack_signs
+
+from core_reference import SCALE_RTOL, ref_scales, ref_sign
+
+
+def _delta(shape, seed=0, zero_rows=()):
+    g = torch.Generator().manual_seed(seed)
+    d = torch.randn(shape, generator=g) * 1e-3
+    for r in zero_rows:
+        d[r] = 0
+    return d
+
+
+@pytest.mark.parametrize("shape", [(5, 13), (8, 16), (6, 3, 3, 3), (1, 7)], ids=str)
+@pytest.mark.parametrize("gran", ["row", "tensor"])
+def test_encode_matches_reference(shape, gran):
+    d = _delta(shape, zero_rows=(0,) if shape[0] > 1 else ())
+    sd = encode(d, gran)
+    d2 = d.reshape(shape[0], -1)
+    assert sd.granularity == Granularity(gran)
+    assert sd.signs.numel() == -(-d.numel() // 8)
+    assert torch.equal(unpack_signs(sd.signs, d2.shape), ref_sign(d2))
+    want = ref_scales(d2, gran)
+    assert torch.allclose(sd.row_scales().double(), want, rtol=SCALE_RTOL, atol=0)
+    assert sd.scale.shape == ((shape[0],) if gran == "row" else (1,))
+    assert sd.scale.dtype == torch.float16
+    dec = sd.decode()
+    assert torch.equal(dec, (sd.row_scales()[:, None] * ref_sign(d2)).reshape(shape))
+    if shape[0] > 1:
+        assert torch.equal(dec[0], torch.zeros_like(dec[0]))  # untouched row -> exactly 0, not ±α
+        assert (dec[1:] != 0).all()
+
+
+def test_tensor_granularity_rowmask_only_when_rows_unchanged():
+    assert encode(_delta((4, 8)), "tensor").rowmask is None
+    sd = encode(_delta((12, 8), zero_rows=(2, 9)), "tensor")
+    assert sd.rowmask is not None and sd.rowmask.numel() == 2
+    assert sd.row_scales()[[2, 9]].tolist() == [0.0, 0.0]
+
+
+def test_all_zero_delta():
+    for gran in ("row", "tensor"):
+        sd = encode(torch.zeros(4, 8), gran)
+        assert torch.equal(sd.decode(), torch.zeros(4, 8))
+
+
+def test_row_scale_minimises_error():
+    d = _delta((6, 40), seed=3)
+    sd = encode(d, "row", torch.float32)
+    s = ref_sign(d)
+    err = lambda a: ((d - a[:, None] * s) ** 2).sum()  # noqa: E731
+    best = err(sd.scale)
+    assert best < err(sd.scale * 1.01) and best < err(sd.scale * 0.99)
+    # and per-row scales beat one scale for the whole tensor on rows of different magnitude
+    d[:3] *= 10
+    assert ((d - encode(d, "row", torch.float32).decode()) ** 2).sum() < ((d - encode(d, "tensor", torch.float32).decode()) ** 2).sum()
+
+
+def test_fp16_fallback_for_tiny_scales():
+    sd = encode(_delta((3, 8)) * 1e-4, "row", torch.float16)  # |Δ| ~ 1e-7 < fp16 min normal
+    assert sd.scale.dtype == torch.float32 and (sd.scale > 0).all()
+    assert encode(_delta((3, 8)), "row", torch.float32).scale.dtype == torch.float32
+
+
+def test_other_input_dtypes():
+    d = _delta((4, 16)).to(torch.bfloat16)
+    sd = encode(d, "row")
+    assert torch.equal(unpack_signs(sd.signs, (4, 16)), ref_sign(d.float()))
+
+
+def test_rank_one_rejected():
+    with pytest.raises(ValueError, match="rank"):
+        encode(torch.ones(5))
+
+
+def test_from_tensors_validates():
+    sd = encode(_delta((4, 8)), "row")
+    assert from_tensors((4, 8), "row", sd.signs, sd.scale).decode().shape == (4, 8)
+    with pytest.raises(ValueError, match="signs"):
+        from_tensors((4, 8), "row", sd.signs[:-1], sd.scale)
+    with pytest.raises(ValueError, match="scale"):
+        from_tensors((4, 8), "row", sd.signs, sd.scale[:2])
+    with pytest.raises(ValueError, match="NaN"):
+        from_tensors((4, 8), "row", sd.signs, torch.tensor([1.0, float("nan"), 1.0, 1.0]))
+    with pytest.raises(ValueError, match="rowmask"):
+        from_tensors((4, 8), "row", sd.signs, sd.scale, torch.zeros(1, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="rank"):
+        from_tensors((32,), "row", sd.signs, sd.scale)
+    with pytest.raises(ValueError):
+        from_tensors((4, 8), "diagonal", sd.signs, sd.scale)
