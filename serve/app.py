@@ -205,7 +205,7 @@ class ModelServer:
                 raise UnknownModelError(f"model {model!r} is not registered")
             tokens = await asyncio.to_thread(self._token_counts, inputs, truncate)
             preds = await self.batcher.submit(BatchItem(model, list(inputs), tokens, return_all_scores))
-            return {"model": model, "predictions": preds}
+            return {"model": model, "predictions": preds, "replica": self.replica}
         except (BitDeltaError, StoreError, OSError) as e:
             return error_payload(e)
 
@@ -298,14 +298,15 @@ class ModelServer:
     async def list_models(self) -> dict[str, Any]:
         try:
             await self._maybe_sync()
-            return {"models": sorted((_info_dict(i) for i in self.engine.list()), key=lambda d: d["name"])}
+            return {"models": sorted((_info_dict(i) for i in self.engine.list()), key=lambda d: d["name"]),
+                    "replica": self.replica}
         except (BitDeltaError, StoreError, OSError) as e:
             return error_payload(e)
 
     async def get_model(self, name: str) -> dict[str, Any]:
         try:
             await self._maybe_sync()
-            return _info_dict(self.engine.get(name))
+            return {**_info_dict(self.engine.get(name)), "replica": self.replica}
         except (BitDeltaError, StoreError, OSError) as e:
             return error_payload(e)
 
@@ -341,6 +342,15 @@ def _info_dict(info) -> dict[str, Any]:
 # HTTP ingress
 # =============================================================================================
 _LIMITS = {"body": 1 << 20, "upload": 256 << 20}  # set by Api.__init__ (one ingress per process)
+
+
+def _limits() -> dict[str, int]:
+    """The live limits of this process. Looked up through ``sys.modules`` because Ray Serve ships
+    the FastAPI app (and its middleware) to the replica as a frozen copy whose globals are not
+    this module's."""
+    import importlib
+
+    return importlib.import_module("serve.app")._LIMITS
 
 ERRORS = {
     400: {"model": ErrorResponse, "description": "invalid artifact (corrupt, wrong base, NaN, shape mismatch)"},
@@ -379,7 +389,7 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         is_upload = scope.get("method") == "POST" and scope.get("path", "").rstrip("/") == "/v1/models"
-        limit = _LIMITS["upload" if is_upload else "body"]
+        limit = _limits()["upload" if is_upload else "body"]
         for k, v in scope.get("headers") or []:
             if k == b"content-length":
                 try:
@@ -494,6 +504,12 @@ _UPLOAD_OPENAPI = {
 }
 
 
+def _with_replica(res: dict[str, Any]) -> JSONResponse:
+    """The engine's answer as JSON; the answering engine replica goes into a header."""
+    replica = str(res.pop("replica", ""))
+    return JSONResponse(res, headers={"x-bitdelta-replica": replica} if replica else None)
+
+
 def _parse_bool(v: Any, field: str) -> bool:
     if isinstance(v, bool):
         return v
@@ -511,7 +527,7 @@ class Api:
     def __init__(self, engine: DeploymentHandle, args: dict[str, Any]):
         self.cfg = ServeConfig.load(args)
         self.engine = engine
-        _LIMITS.update(body=self.cfg.max_body_bytes, upload=self.cfg.max_upload_bytes)
+        _limits().update(body=self.cfg.max_body_bytes, upload=self.cfg.max_upload_bytes)
         r = self.metrics = Registry()
         self.m_requests = r.counter("requests", "classify requests by model and status code", ["model", "code"])
         self.m_inputs = r.counter("inputs", "classified inputs by model", ["model"])
@@ -561,7 +577,7 @@ class Api:
             res = await self._call("classify", req.model, req.inputs, req.truncate, req.return_all_scores)
             code = 200
             self.m_inputs.inc(len(req.inputs), model=label)
-            return res
+            return _with_replica(res)
         except ApiError as e:
             code = e.status
             if code == 404:
@@ -578,7 +594,7 @@ class Api:
     async def list_models(self, request: Request):
         if self.cfg.classify_token is not None:
             _check_bearer(request, self.cfg.classify_token, "classify")
-        return await self._call("list_models")
+        return _with_replica(await self._call("list_models"))
 
     @app.get("/v1/models/{name}", response_model=ModelInfo, responses={401: ERRORS[401], 404: ERRORS[404]},
              summary="One registered fine-tune")
@@ -587,7 +603,7 @@ class Api:
             _check_bearer(request, self.cfg.classify_token, "classify")
         if not NAME_PATTERN.fullmatch(name):
             raise ApiError(404, "unknown_model", f"model {name[:80]!r} is not registered")
-        return await self._call("get_model", name)
+        return _with_replica(await self._call("get_model", name))
 
     @app.post("/v1/models", status_code=201, response_model=ModelInfo, openapi_extra=_UPLOAD_OPENAPI,
               responses={k: ERRORS[k] for k in (400, 401, 409, 413, 422)},
