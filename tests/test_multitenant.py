@@ -19,7 +19,7 @@ from bitdelta_core.errors import (
 from bitdelta_core.multitenant import MultiTenantEngine, merged_weight
 from bitdelta_core.codec import encode
 
-from tiny_models import VOCAB, finetune_tiny, save_tiny_base
+from tenant_fixtures import VOCAB, finetune_tiny, save_tiny_base
 
 ARCHS = ["bert", "distilbert", "gpt2", "llama", "roberta"]
 HEADS = {"two": (2, None), "three": (3, None), "reg": (1, None), "multi": (3, "multi_label_classification")}
