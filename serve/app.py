@@ -136,6 +136,9 @@ class ModelServer:
         self.g_rss = r.gauge("replica_rss_bytes", "resident set size of the replica process")
         self.g_store = r.gauge("store_bytes", "bytes of artifacts in the store")
 
+    def _error(self, e: BaseException) -> dict[str, Any]:
+        return {**error_payload(e), "replica": self.replica}
+
     def _on_batch(self, s: BatchStats) -> None:
         self.m_batch_rows.observe(s.rows)
         self.m_batch_requests.observe(s.requests)
@@ -193,7 +196,7 @@ class ModelServer:
         try:
             await asyncio.to_thread(self._sync)
         except (BitDeltaError, OSError) as e:
-            return error_payload(e)
+            return self._error(e)
         return {"replica": self.replica, "models": sorted(self._loaded)}
 
     # ---- classification -----------------------------------------------------------------------
@@ -207,7 +210,7 @@ class ModelServer:
             preds = await self.batcher.submit(BatchItem(model, list(inputs), tokens, return_all_scores))
             return {"model": model, "predictions": preds, "replica": self.replica}
         except (BitDeltaError, StoreError, OSError) as e:
-            return error_payload(e)
+            return self._error(e)
 
     def _token_counts(self, inputs: list, truncate: bool) -> list[int]:
         counts = self.engine.count_tokens(inputs)
@@ -252,7 +255,7 @@ class ModelServer:
         try:
             return await asyncio.to_thread(self._register, name, data, replace)
         except (BitDeltaError, StoreError, OSError) as e:
-            return error_payload(e)
+            return self._error(e)
 
     def _register(self, name: str, data: bytes, replace: bool) -> dict[str, Any]:
         from bitdelta_core.errors import ModelExistsError
@@ -281,7 +284,7 @@ class ModelServer:
         try:
             return await asyncio.to_thread(self._unregister, name)
         except (BitDeltaError, StoreError, OSError) as e:
-            return error_payload(e)
+            return self._error(e)
 
     def _unregister(self, name: str) -> dict[str, Any]:
         if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
@@ -301,14 +304,14 @@ class ModelServer:
             return {"models": sorted((_info_dict(i) for i in self.engine.list()), key=lambda d: d["name"]),
                     "replica": self.replica}
         except (BitDeltaError, StoreError, OSError) as e:
-            return error_payload(e)
+            return self._error(e)
 
     async def get_model(self, name: str) -> dict[str, Any]:
         try:
             await self._maybe_sync()
             return {**_info_dict(self.engine.get(name)), "replica": self.replica}
         except (BitDeltaError, StoreError, OSError) as e:
-            return error_payload(e)
+            return self._error(e)
 
     # ---- health / stats -----------------------------------------------------------------------
     async def health(self) -> dict[str, Any]:

@@ -54,7 +54,9 @@ def error_payload(exc: BaseException) -> dict[str, Any]:
 def raise_if_error(result: Any) -> Any:
     if isinstance(result, dict) and isinstance(result.get("error"), dict) and "status" in result["error"]:
         e = result["error"]
-        raise ApiError(int(e["status"]), str(e["type"]), str(e["message"]))
+        replica = result.get("replica")
+        raise ApiError(int(e["status"]), str(e["type"]), str(e["message"]),
+                       {"x-bitdelta-replica": str(replica)} if replica else None)
     return result
 
 
