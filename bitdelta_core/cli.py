@@ -144,6 +144,160 @@ def _cmd_apply(args) -> int:
 def add_data_commands(sub: argparse._SubParsersAction) -> None:
     """finetune / distill / eval (issue: distillation & evaluation)."""
     # COMMANDS-DATA
+    from .data import TASKS
+
+    def data_args(p, split_default: str, what: str) -> None:
+        g = p.add_argument_group(
+            "data", f"{what}: a registered task's shipped split (--task alone), or any labelled file (--data). "
+            "Examples: --task cola --data benchmarks/data/cola/train.tsv --no-header --text-col 0 --label-col 1; "
+            "--data mine.csv --text-col review --label-col stars --labels bad,good")
+        g.add_argument("--task", help=f"registered task ({', '.join(sorted(TASKS))}): label set, metric, defaults")
+        g.add_argument("--data", metavar="FILE", help="a TSV/CSV/JSONL file (overrides the task's shipped file)")
+        g.add_argument("--split", default=split_default,
+                       help=f"split of the task's shipped data when --data is not given (default {split_default}; "
+                            "'eval' = the task's evaluation split)")
+        g.add_argument("--data-dir", help="where the shipped task files live (default: benchmarks/data or $BITDELTA_DATA_DIR)")
+        g.add_argument("--format", choices=["tsv", "csv", "jsonl"], help="file format (default: from the extension)")
+        g.add_argument("--header", action=argparse.BooleanOptionalAction, default=None,
+                       help="the first row is a header (default: auto-detect from known column names)")
+        g.add_argument("--text-col", action="append", metavar="COL",
+                       help="text column, by name or 0-based index; repeat for sentence pairs")
+        g.add_argument("--label-col", metavar="COL", help="label column, by name or 0-based index")
+        g.add_argument("--labels", help="comma-separated label names in class-id order (default: the task's, "
+                                        "else the model's, else inferred from the data)")
+        g.add_argument("--max-examples", type=int, help="use a random subset of this many examples")
+        g.add_argument("--data-seed", type=int, default=0, help="seed of the random subset")
+
+    p = sub.add_parser("finetune", help="fine-tune a base model on a task; writes a Hugging Face folder",
+                       description="Fine-tune BASE (an HF folder; a bare encoder gets a fresh classification head) "
+                                   "on a task or labelled file and save a Hugging Face folder (weights, config with "
+                                   "id2label/label2id, tokenizer, finetune.json). CPU-friendly defaults.")
+    p.add_argument("--base", required=True, help="base model folder")
+    p.add_argument("--out", required=True, help="output folder")
+    data_args(p, "train", "training data")
+    p.add_argument("--epochs", type=float, default=2.0, help="passes over the (subset of the) data (default 2)")
+    p.add_argument("--max-length", type=int, default=128, help="max tokens per example (default 128)")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
+    p.add_argument("--seed", type=int, default=0, help="training seed")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
+    p.set_defaults(func=_cmd_finetune, max_examples_default=4000)
+
+    p = sub.add_parser("distill", help="train a delta's scales to match the fine-tune's outputs (BitDelta step 2)",
+                       description="Scale distillation: only the per-row (or per-tensor) scales of DELTA are trained, "
+                                   "with AdamW on the MSE between the compressed model's and the fine-tune's logits "
+                                   "(optionally + hidden states) on unlabeled calibration texts of the task. Writes a "
+                                   "delta file of the same format to OUT and prints the loss before/after.")
+    p.add_argument("--base", required=True, help="the base model the delta was made against")
+    p.add_argument("--finetuned", required=True, help="the fine-tune (teacher) folder")
+    p.add_argument("--delta", required=True, help="delta file written by 'bitdelta compress'")
+    p.add_argument("--out", required=True, help="output delta file (may equal --delta)")
+    data_args(p, "train", "calibration texts (labels are not used)")
+    p.add_argument("--steps", type=int, default=200, help="optimiser steps (default 200)")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of the scales (default 1e-4)")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
+    p.add_argument("--max-length", type=int, default=128, help="max tokens per example (default 128)")
+    p.add_argument("--calib-size", type=int, default=800, help="calibration examples cycled through (default 800)")
+    p.add_argument("--hidden-mse", type=float, default=0.0, metavar="WEIGHT",
+                   help="add WEIGHT x hidden-state MSE (all layers) to the logit MSE (default 0: logits only)")
+    p.add_argument("--seed", type=int, default=0, help="seed")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
+    p.set_defaults(func=_cmd_distill, max_examples_default=None)
+
+    p = sub.add_parser("eval", help="accuracy, task metric, agreement and size of a fine-tune and its deltas",
+                       description="Evaluate the original fine-tune and each DELTA (applied to BASE) on labelled data: "
+                                   "accuracy, the task's metric (MCC for CoLA, F1 for MRPC/QQP, Pearson for STS-B), "
+                                   "agreement of predictions with the original, and sizes in bytes.")
+    p.add_argument("--base", help="base model (needed with --delta)")
+    p.add_argument("--finetuned", required=True, help="the original fine-tune folder")
+    p.add_argument("--delta", action="append", default=[], metavar="[NAME=]FILE",
+                   help="delta file to evaluate, optionally named (e.g. 1bit=sst2.safetensors); repeatable")
+    data_args(p, "eval", "evaluation data")
+    p.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
+    p.add_argument("--max-length", type=int, default=128, help="max tokens per example (default 128)")
+    p.add_argument("--json", metavar="FILE", help="also write the full report as JSON")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
+    p.set_defaults(func=_cmd_eval, max_examples_default=None)
+
+
+def _load_data_args(args, labels=None):
+    from .data import load_dataset
+
+    label_list = [s.strip() for s in args.labels.split(",")] if args.labels else labels
+    n = args.max_examples if args.max_examples is not None else args.max_examples_default
+    return load_dataset(args.task, args.data, split=args.split, format=args.format, header=args.header,
+                        text_cols=args.text_col, label_col=args.label_col, labels=label_list, max_examples=n,
+                        seed=args.data_seed, data_dir=args.data_dir)
+
+
+def _model_labels(folder) -> list[str] | None:
+    """The fine-tune's label names, unless they are transformers' LABEL_i placeholders."""
+    import json
+    from pathlib import Path
+
+    cfg_path = Path(folder) / "config.json"
+    if not cfg_path.is_file():
+        return None
+    cfg = json.loads(cfg_path.read_text())
+    id2label = cfg.get("id2label") or {}
+    names = [id2label[k] for k in sorted(id2label, key=int)]
+    if not names or all(n == f"LABEL_{i}" for i, n in enumerate(names)):
+        return None
+    return names
+
+
+def _cmd_finetune(args) -> int:
+    from .finetune import finetune
+
+    ds = _load_data_args(args)
+    out = finetune(args.base, ds, args.out, max_examples=None, epochs=args.epochs, max_length=args.max_length,
+                   batch_size=args.batch_size, lr=args.lr, seed=args.seed, progress=args.progress)
+    print(f"wrote {out} ({len(ds)} examples of {ds.task.name}, labels {ds.label_names})")
+    return 0
+
+
+def _cmd_distill(args) -> int:
+    from .distill import DistillConfig, distill
+
+    labels = _model_labels(args.finetuned) if not args.task else None
+    ds = _load_data_args(args, labels)
+    cfg = DistillConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
+                        calib_size=args.calib_size, hidden_weight=args.hidden_mse, seed=args.seed)
+    r = distill(args.base, args.finetuned, args.delta, ds, cfg, progress=args.progress)
+    size = r.artifact.save(args.out)
+    print(f"distilled {r.num_scales} scales in {r.steps} steps ({r.wall_s:.1f} s): held-out loss "
+          f"{r.loss_before:.6g} -> {r.loss_after:.6g} (train {r.train_loss_first:.6g} -> {r.train_loss_last:.6g})")
+    print(f"wrote {args.out}: {size} bytes, {size * 8 / max(r.artifact.num_parameters, 1):.4f} bits/parameter")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    import json
+    from pathlib import Path
+
+    from .evaluate import evaluate
+
+    labels = _model_labels(args.finetuned) if not args.task else None
+    ds = _load_data_args(args, labels)
+    deltas = {}
+    for d in args.delta:
+        name, sep, path = d.partition("=")
+        if not sep:
+            name, path = Path(d).stem, d
+        deltas[name] = path
+    rep = evaluate(args.base, args.finetuned, ds, deltas, batch_size=args.batch_size, max_length=args.max_length,
+                   progress=args.progress)
+    m = rep["metric_name"]
+    print(f"{rep['task']}: {rep['examples']} examples from {rep['source']}")
+    print(f"{'model':<14} {m:>9} {'accuracy':>9} {'agreement':>9} {'bytes':>12} {'bits/param':>10}")
+    for name, r in rep["models"].items():
+        acc = f"{r['accuracy']:.4f}" if r["accuracy"] is not None else "-"
+        print(f"{name:<14} {r['metric']:>9.4f} {acc:>9} {r['agreement']:>9.4f} {r['bytes']:>12} "
+              f"{r['bits_per_parameter']:>10.4f}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rep, indent=2))
+    return 0
 
 
 def add_serve_commands(sub: argparse._SubParsersAction) -> None:
