@@ -290,6 +290,13 @@ class TenantLayer(nn.Module):
         self.kernel = _kernel_for(base)
         self.param_names = [n for n, _ in base.named_parameters(recurse=False)]
 
+    def __getattr__(self, name: str):
+        # code that reads e.g. ``layer.weight`` directly sees the base module's attribute
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["base"], name)
+
     def forward(self, *args, **kwargs):
         ctx = self._engine[0]._ctx
         if ctx is None or (len(ctx.groups) == 1 and ctx.groups[0][0] == BASE_SLOT):
@@ -417,6 +424,7 @@ class MultiTenantEngine:
         cache_bytes: int = 1 << 30,
         max_length: int | None = None,
         tokenizer: Any = None,
+        self_check: bool = True,
     ):
         if dtype not in _DTYPES:
             raise InvalidInputError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
@@ -451,6 +459,8 @@ class MultiTenantEngine:
         self._cache = WorkingCache(cache_bytes)
         self._ctx: BatchContext | None = None
         self.base_bytes = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+        if self_check:
+            self._self_check()
         logger.info("engine ready: %s (%s) on %s/%s, %.1f MB base", self.architecture, self.base_name,
                     self.device, dtype, self.base_bytes / 1e6)
 
@@ -524,6 +534,54 @@ class MultiTenantEngine:
                 if "bias" in params:
                     heads.add(f"{mname}.bias")
         return heads
+
+    def _self_check(self) -> None:
+        """Prove on this architecture that a mixed batch equals per-model forwards.
+
+        Some models read weights outside their modules' ``forward`` (DeBERTa's relative
+        position table, for one); per-row deltas would then be silently skipped. A synthetic
+        tenant with a random 1-bit delta on every matrix is run next to a base row and compared
+        with ``functional_call`` on the merged weights; a mismatch refuses the architecture.
+        """
+        g = torch.Generator().manual_seed(0)
+        layers: dict[str, dict[str, ParamDelta]] = {}
+        merged: dict[str, torch.Tensor] = {}
+        for full, (mname, pname) in self._param_owner.items():
+            p = getattr(self._module(mname), pname).detach()
+            if p.dim() < 2 or not p.is_floating_point():
+                continue
+            n = p.numel()
+            signs = torch.randint(0, 256, (math.ceil(n / 8),), dtype=torch.uint8, generator=g).to(self.device)
+            scale = torch.full((p.shape[0],), 0.05 * float(p.float().std() + 1e-3), device=self.device, dtype=self.dtype)
+            sd = SignDelta(tuple(p.shape), signs, scale, "row")
+            layers.setdefault(mname, {})[pname] = ParamDelta("sign", sign=sd, scale=scale)
+            merged[f"{mname}.base.{pname}"] = merged_weight(p, sd, scale)
+        probe = Tenant(None, -2, layers, 0, None, "", 0)
+        vocab = int(getattr(self.config, "vocab_size", 0) or 100)
+        ids = torch.randint(min(5, vocab - 1), min(vocab, 100), (2, 8), generator=g).to(self.device)
+        enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        rows = [torch.tensor([0], device=self.device), torch.tensor([1], device=self.device)]
+        with torch.inference_mode():
+            self._ctx = BatchContext(2, [(-2, rows[0]), (BASE_SLOT, rows[1])], {-2: probe})
+            try:
+                mixed = _logits(self.model(**enc)).float()
+            except InvalidInputError as e:
+                raise ModelLoadError(f"{self.architecture} cannot be served by the mixed-batch engine: {e}") from None
+            finally:
+                self._ctx = None
+            ref_t = _logits(torch.func.functional_call(self.model, merged, (), {k: v[:1] for k, v in enc.items()},
+                                                       strict=False)).float()
+            ref_b = _logits(self.model(**{k: v[1:] for k, v in enc.items()})).float()
+        ref = torch.cat([ref_t, ref_b])
+        tol = 1e-3 if self.dtype == torch.float32 else 5e-2
+        err = float((mixed - ref).abs().max() / (ref.abs().max() + 1e-6))
+        if not err <= tol:
+            raise ModelLoadError(
+                f"{self.architecture} cannot be served by the mixed-batch engine: a self-check of per-row "
+                f"deltas differs from per-model forwards (relative error {err:.2e}); its layers likely read "
+                "weights outside forward()"
+            )
+        logger.debug("self-check passed for %s (relative error %.1e)", self.architecture, err)
 
     # -- pool management ---------------------------------------------------------------------
     def validate(self, artifact: DeltaArtifact | str | os.PathLike | bytes) -> DeltaArtifact:
@@ -778,6 +836,10 @@ class MultiTenantEngine:
                 "cache_evictions": self._cache.evictions,
                 "tenants": tenants,
             }
+
+
+def _logits(out) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out[0]
 
 
 def _stale_tenant(name: str):

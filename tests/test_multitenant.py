@@ -231,3 +231,21 @@ def test_cuda_mixed_batch_matches_cpu_reference(setup, dtype, atol):
     logits = eng.forward({"input_ids": ids.cuda(), "attention_mask": mask.cuda()}, names).float().cpu()
     for i, ref in enumerate(_reference(refs, names, ids, mask)):
         torch.testing.assert_close(logits[i, : ref.shape[0]], ref, atol=atol, rtol=0)
+
+
+def test_architecture_that_reads_weights_outside_forward_is_refused(tmp_path):
+    """DeBERTa-v2 reads its relative-position table directly: refused, never served wrongly."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from bitdelta_core.errors import ModelLoadError
+
+    cfg = AutoConfig.for_model("deberta-v2", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=64, vocab_size=VOCAB, relative_attention=True,
+                               pos_att_type=["p2c", "c2p"], max_relative_positions=16)
+    AutoModelForSequenceClassification.from_config(cfg).save_pretrained(tmp_path / "deberta")
+    with pytest.raises(ModelLoadError, match="DebertaV2ForSequenceClassification cannot be served"):
+        MultiTenantEngine(tmp_path / "deberta")
+    cfg = AutoConfig.for_model("albert", hidden_size=32, embedding_size=16, num_hidden_layers=2,
+                               num_attention_heads=2, intermediate_size=64, vocab_size=VOCAB)
+    AutoModelForSequenceClassification.from_config(cfg).save_pretrained(tmp_path / "albert")
+    assert MultiTenantEngine(tmp_path / "albert").architecture == "AlbertForSequenceClassification"
