@@ -220,9 +220,12 @@ class WorkingCache:
 @dataclass
 class BatchContext:
     batch_size: int
-    groups: list[tuple[int, torch.Tensor]]  # (slot, row indices), slots in first-seen order
+    # (slot, rows): the batch is sorted by tenant before the forward, so each tenant's rows are
+    # one contiguous slice and layers take views instead of gathering rows
+    groups: list[tuple[int, slice]]
     tenants: dict[int, Tenant]
     admitted: set[int] = field(default_factory=set)
+    perm: torch.Tensor | None = None  # sorted position -> original row (None: already sorted)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,28 +383,25 @@ class _NoTenant:
 _NO_TENANT = _NoTenant()
 
 
-def _take_rows(a, rows: torch.Tensor, B: int):
+def _take_rows(a, rows: slice, B: int):
     if isinstance(a, torch.Tensor) and a.dim() >= 1 and a.shape[0] == B:
-        return a.index_select(0, rows)
+        return a[rows]
     return a
 
 
-def _scatter_rows(outs: list[tuple[torch.Tensor, Any]], B: int):
+def _scatter_rows(outs: list[tuple[slice, Any]], B: int):
+    """Concatenate the groups' outputs (groups are consecutive slices), padding the last dim
+    to the widest (heads of different ``num_labels``)."""
     first = outs[0][1]
     if isinstance(first, (tuple, list)):
         return type(first)(_scatter_rows([(r, y[i]) for r, y in outs], B) for i in range(len(first)))
     if not isinstance(first, torch.Tensor):
         return first
-    width = max(y.shape[-1] for _, y in outs) if first.dim() >= 2 else None
-    shape = (B, *first.shape[1:-1], width) if width is not None else (B, *first.shape[1:])
-    needs_pad = width is not None and any(y.shape[-1] != width for _, y in outs)
-    out = (first.new_zeros if needs_pad else first.new_empty)(shape)
-    for rows, y in outs:
-        if needs_pad:
-            out[rows, ..., : y.shape[-1]] = y
-        else:
-            out.index_copy_(0, rows, y)
-    return out
+    ys = [y for _, y in outs]
+    if first.dim() >= 2:
+        width = max(y.shape[-1] for y in ys)
+        ys = [y if y.shape[-1] == width else F.pad(y, (0, width - y.shape[-1])) for y in ys]
+    return torch.cat(ys, dim=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,8 +440,10 @@ class MultiTenantEngine:
         self.base_name = loaded.name_or_path or self.architecture
         model = loaded.module.eval()
         base_state = loaded.base_tensors()
-        # fingerprint digests are taken in the checkpoint's precision, before any cast
-        self._fingerprinter = Fingerprinter({k: v.detach().clone() for k, v in base_state.items()})
+        # fingerprint digests are taken in the checkpoint's precision, before any cast: a cast
+        # (.to(dtype/device) below) makes new tensors and these references keep the originals;
+        # without one they are the model's own tensors (no second copy of the base in memory)
+        self._fingerprinter = Fingerprinter({k: v.detach() for k, v in base_state.items()})
         self._base_state_shapes = {k: tuple(v.shape) for k, v in loaded.state.items()}
         self._present = set(base_state)
         model.to(device=self.device, dtype=self.dtype)
@@ -560,9 +562,8 @@ class MultiTenantEngine:
         vocab = int(getattr(self.config, "vocab_size", 0) or 100)
         ids = torch.randint(min(5, vocab - 1), min(vocab, 100), (2, 8), generator=g).to(self.device)
         enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        rows = [torch.tensor([0], device=self.device), torch.tensor([1], device=self.device)]
         with torch.inference_mode():
-            self._ctx = BatchContext(2, [(-2, rows[0]), (BASE_SLOT, rows[1])], {-2: probe})
+            self._ctx = BatchContext(2, [(-2, slice(0, 1)), (BASE_SLOT, slice(1, 2))], {-2: probe})
             try:
                 mixed = _logits(self.model(**enc)).float()
             except InvalidInputError as e:
@@ -777,13 +778,17 @@ class MultiTenantEngine:
                     raise UnknownModelError(f"model {m!r} is not registered")
                 tenants.append(t)
             ctx = self._make_context(tenants, B)
+            enc = {k: v.to(self.device) for k, v in encodings.items()}
+            if ctx.perm is not None:
+                enc = {k: v.index_select(0, ctx.perm) for k, v in enc.items()}
             self._ctx = ctx
             try:
                 with torch.inference_mode():
-                    out = self.model(**{k: v.to(self.device) for k, v in encodings.items()})
+                    logits = _logits(self.model(**enc))
             finally:
                 self._ctx = None
-        logits = out.logits if hasattr(out, "logits") else out[0]
+        if ctx.perm is not None:
+            logits = torch.empty_like(logits).index_copy_(0, ctx.perm, logits)
         return logits
 
     def _make_context(self, tenants: list[Tenant | None], B: int) -> BatchContext:
@@ -791,9 +796,15 @@ class MultiTenantEngine:
         order: dict[int, list[int]] = {}
         for i, s in enumerate(slots):
             order.setdefault(s, []).append(i)
-        groups = [(s, torch.tensor(rows, device=self.device)) for s, rows in order.items()]
+        groups, perm, start = [], [], 0
+        for s, rows in order.items():
+            groups.append((s, slice(start, start + len(rows))))
+            perm.extend(rows)
+            start += len(rows)
         by_slot = {t.slot: t for t in tenants if t is not None}
         ctx = BatchContext(B, groups, by_slot)
+        if perm != list(range(B)):
+            ctx.perm = torch.tensor(perm, device=self.device)
         pinned = set(by_slot)
         for s, rows in sorted(order.items(), key=lambda kv: -len(kv[1])):  # hottest first
             if s != BASE_SLOT and self._cache.admit(s, by_slot[s].merged_bytes, pinned):
