@@ -219,3 +219,12 @@ def test_different_architectures_named():
     # the first mismatching tensor in order is named even though only its rows changed
     with pytest.raises(ArchitectureMismatchError, match="'bert.encoder.layer.0.intermediate.dense.weight'"):
         compress(bert, ffn, progress=False)
+
+
+def test_nan_in_finetune_is_rejected_at_compress_time():
+    base, ft = pair("bert", "seqcls")
+    bad = copy.deepcopy(ft)
+    with torch.no_grad():
+        dict(bad.named_parameters())[W][1, 2] = float("nan")
+    with pytest.raises(ModelLoadError, match=W):
+        compress(base, bad, progress=False)
