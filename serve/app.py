@@ -460,6 +460,8 @@ async def _validation_error(request: Request, exc: RequestValidationError):
 async def _http_error(request: Request, exc: StarletteHTTPException):
     kind = _STATUS_TYPES.get(exc.status_code, "http_error")
     msg = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    if exc.status_code == 400 and msg == "There was an error parsing the body":  # FastAPI: bad UTF-8, RecursionError
+        return _json_error(422, "invalid_request", "request body is not valid JSON (not UTF-8, or nested too deeply)")
     if exc.status_code == 404 and msg == "Not Found":
         msg = f"no route {request.method} {request.url.path}"
     elif exc.status_code == 405:
@@ -577,6 +579,10 @@ class Api:
                 if n > self.cfg.max_text_chars:
                     raise ApiError(413, "text_too_long",
                                    f"input {i} has {n} characters, more than the limit of {self.cfg.max_text_chars}")
+                try:  # JSON allows lone surrogates ("\ud800"); the tokenizer would fail with a 500
+                    (x if isinstance(x, str) else x[0] + x[1]).encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ApiError(422, "invalid_request", f"input {i} is not valid Unicode text (lone surrogate)") from None
             res = await self._call("classify", req.model, req.inputs, req.truncate, req.return_all_scores)
             code = 200
             self.m_inputs.inc(len(req.inputs), model=label)
