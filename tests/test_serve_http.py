@@ -360,3 +360,26 @@ def test_admin_disabled_without_token(tmp_path):
     loaded = ServeConfig.load({"base": "x"}, env={"BITDELTA_ADMIN_TOKEN": "from-env-123", "BITDELTA_MAX_INPUTS": "5"})
     assert loaded.admin_token.get_secret_value() == "from-env-123" and loaded.max_inputs == 5
     assert "from-env-123" not in repr(loaded)
+
+
+def test_cli_register_and_models(registered, capsys, monkeypatch):
+    from bitdelta_core.cli import main
+
+    url, c = registered["url"], registered["c"]
+    monkeypatch.delenv("BITDELTA_ADMIN_TOKEN", raising=False)
+    assert main(["register", "--url", url, "--name", "cli1", str(registered["files"]["two"])]) == 1
+    assert "401" in capsys.readouterr().err
+    assert main(["register", "--url", url, "--name", "cli1", "--token", ADMIN, str(registered["files"]["two"])]) == 0
+    assert "registered cli1" in capsys.readouterr().out
+    monkeypatch.setenv("BITDELTA_ADMIN_TOKEN", ADMIN)
+    assert main(["register", "--url", url, "--name", "cli1", str(registered["files"]["three"])]) == 1
+    assert "409" in capsys.readouterr().err
+    assert main(["register", "--url", url, "--name", "cli1", "--replace", str(registered["files"]["three"])]) == 0
+    capsys.readouterr()
+    assert main(["models", "--url", url, "--json"]) == 0
+    names = [m["name"] for m in json.loads(capsys.readouterr().out)["models"]]
+    assert "cli1" in names and "two" in names
+    assert main(["models", "--url", url]) == 0
+    out = capsys.readouterr().out
+    assert "cli1" in out and "a,b,c" in out
+    assert c.delete("/v1/models/cli1", headers=AUTH).status_code == 204
