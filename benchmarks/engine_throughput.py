@@ -26,6 +26,7 @@ import gc
 import json
 import logging
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -147,14 +148,20 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, reps: int, device="cpu") -> float:
-    fn(0)  # warm-up
-    sync(device)
-    t0 = time.perf_counter()
+def timed_interleaved(fns: dict, reps: int, device="cpu") -> dict:
+    """Median seconds per call of each method; methods alternate within every repetition so
+    that a noisy (shared) machine slows them alike."""
+    for fn in fns.values():
+        fn(0)  # warm-up (and fills the engine's cache)
+    times = {k: [] for k in fns}
     for r in range(reps):
-        fn(r + 1)
-    sync(device)
-    return (time.perf_counter() - t0) / reps
+        for k, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn(r + 1)
+            sync(device)
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def run_config(base_path: Path, label: str, T: int, law: str, args, shared) -> dict:
@@ -169,8 +176,9 @@ def run_config(base_path: Path, label: str, T: int, law: str, args, shared) -> d
 
     # (a) one dense fine-tune on the whole batch
     dense0 = shared["dense"][0]
-    with torch.inference_mode():
-        out["a_s"] = timed(lambda r: dense0(**enc), args.reps, args.device)
+    def run_a(r):
+        with torch.inference_mode():
+            dense0(**enc)
 
     # (b) T dense models resident, grouped per model
     if T <= shared["max_dense"]:
@@ -182,9 +190,8 @@ def run_config(base_path: Path, label: str, T: int, law: str, args, shared) -> d
                     rows = torch.tensor([i for i, a in enumerate(assign[r]) if a == t], device=args.device)
                     dense[t](**{k: v[rows] for k, v in enc.items()})
 
-        out["b_s"] = timed(run_b, args.reps, args.device)
     else:
-        out["b_s"] = None
+        run_b = None
 
     # (c) per-request weight swap (merge on demand into one working model)
     work = shared["work"]
@@ -200,7 +207,6 @@ def run_config(base_path: Path, label: str, T: int, law: str, args, shared) -> d
                 rows = torch.tensor([i for i, a in enumerate(assign[r]) if a == t], device=args.device)
                 work(**{k: v[rows] for k, v in enc.items()})
 
-    out["c_s"] = timed(run_c, args.reps, args.device)
 
     # (d) the engine
     eng = shared["engine"]
@@ -211,7 +217,10 @@ def run_config(base_path: Path, label: str, T: int, law: str, args, shared) -> d
     def run_d(r):
         eng.forward(enc, [names[a] for a in assign[r]])
 
-    out["d_s"] = timed(run_d, args.reps, args.device)
+    fns = {"a": run_a, "b": run_b, "c": run_c, "d": run_d}
+    res = timed_interleaved({k: f for k, f in fns.items() if f is not None}, args.reps, args.device)
+    for k in fns:
+        out[f"{k}_s"] = res.get(k)
     mem = eng.memory_report()
     out["pool_bytes"] = sum(mem["tenants"][n]["packed"] for n in names)
     out["cache_bytes"] = mem["cache_bytes"]
