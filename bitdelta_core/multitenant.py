@@ -767,8 +767,13 @@ class MultiTenantEngine:
         models = list(models)
         if len(models) != B:
             raise InvalidInputError(f"{len(models)} model names for a batch of {B} rows")
+        return self._run(encodings, self._resolve(models))
+
+    def _resolve(self, models: list[str | None]) -> list[Tenant | None]:
+        """Name -> tenant, once per request: a request that resolved a tenant finishes with
+        that version even if it is replaced or removed meanwhile (never with another's)."""
+        tenants = []
         with self._lock:
-            tenants = []
             for m in models:
                 if m is None:
                     tenants.append(None)
@@ -777,6 +782,11 @@ class MultiTenantEngine:
                 if t is None:
                     raise UnknownModelError(f"model {m!r} is not registered")
                 tenants.append(t)
+        return tenants
+
+    def _run(self, encodings: dict[str, torch.Tensor], tenants: list[Tenant | None]) -> torch.Tensor:
+        B = len(tenants)
+        with self._lock:
             ctx = self._make_context(tenants, B)
             enc = {k: v.to(self.device) for k, v in encodings.items()}
             if ctx.perm is not None:
@@ -807,7 +817,9 @@ class MultiTenantEngine:
             ctx.perm = torch.tensor(perm, device=self.device)
         pinned = set(by_slot)
         for s, rows in sorted(order.items(), key=lambda kv: -len(kv[1])):  # hottest first
-            if s != BASE_SLOT and self._cache.admit(s, by_slot[s].merged_bytes, pinned):
+            if s == BASE_SLOT or self._by_slot.get(s) is not by_slot[s]:
+                continue  # base rows, or a tenant removed/replaced since the request resolved it
+            if self._cache.admit(s, by_slot[s].merged_bytes, pinned):
                 ctx.admitted.add(s)
         return ctx
 
@@ -820,16 +832,10 @@ class MultiTenantEngine:
         models = list(models)
         if len(models) != len(inputs):
             raise InvalidInputError(f"{len(models)} model names for {len(inputs)} inputs")
-        for m in models:  # fail before tokenizing
-            if m not in self._tenants:
-                raise UnknownModelError(f"model {m!r} is not registered")
+        tenants = self._resolve(models)  # fails before tokenizing
         enc = self.tokenize(inputs, truncate=truncate)
-        logits = self.forward(enc, models).float().cpu()
-        preds = []
-        for i, m in enumerate(models):
-            t = self._tenants.get(m) or _stale_tenant(m)
-            preds.append(_postprocess(logits[i, : t.num_labels], t, return_all_scores))
-        return preds
+        logits = self._run(enc, tenants).float().cpu()
+        return [_postprocess(logits[i, : t.num_labels], t, return_all_scores) for i, t in enumerate(tenants)]
 
     # -- reporting -----------------------------------------------------------------------------
     def memory_report(self) -> dict[str, Any]:
@@ -851,10 +857,6 @@ class MultiTenantEngine:
 
 def _logits(out) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out[0]
-
-
-def _stale_tenant(name: str):
-    raise UnknownModelError(f"model {name!r} was removed while the request ran")
 
 
 def _check_inputs(inputs) -> list:
