@@ -160,3 +160,26 @@ def test_not_a_store(tmp_path):
     (s.root / "FORMAT").write_text(json.dumps({"format_version": 99}))
     with pytest.raises(StoreError, match="99"):
         ArtifactStore(s.root)
+
+
+def test_concurrent_puts_of_one_name_exactly_one_wins(store):
+    import threading
+
+    results = []
+
+    def put(i):
+        try:
+            store.put("race", f"v{i}".encode())
+            results.append(("ok", i))
+        except ModelExistsError:
+            results.append(("exists", i))
+
+    threads = [threading.Thread(target=put, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    winners = [i for r, i in results if r == "ok"]
+    assert len(results) == 8 and len(winners) == 1
+    assert store.load("race")[1] == f"v{winners[0]}".encode()
+    assert len(list(store.objects.iterdir())) == 1  # losers' objects were collected
