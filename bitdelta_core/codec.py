@@ -12,8 +12,10 @@ with ``sign(0) = +1`` and the scales chosen to minimise ``||Δ - α ⊙ sign(Δ)
 Stored tensors (see :mod:`bitdelta_core.packing` for the bit layout):
 
 * ``signs``: uint8 ``(ceil(numel/8),)``
-* ``scale``: ``(rows,)`` or ``(1,)`` in ``scale_dtype`` (fp16 by default; a tensor whose scales
-  would lose precision in fp16, i.e. fall outside fp16's normal range, is kept in fp32)
+* ``scale``: ``(rows,)`` or ``(1,)`` in ``scale_dtype`` (fp16 by default). A tensor's scales are
+  kept in fp32 instead when fp16 would overflow, flush a changed row's scale to zero, or (for
+  scales in fp16's subnormal range, e.g. embedding rows of rarely seen tokens) add more than
+  ``FP16_MAX_EXTRA_ERROR`` (0.1 %) to the tensor's 1-bit reconstruction error ``||Δ − α ⊙ sign(Δ)||²``
 * ``rowmask``: uint8 ``(ceil(rows/8),)``, tensor granularity only, present only if some row
   is unchanged.
 
@@ -33,6 +35,7 @@ from .packing import pack_bits, pack_signs, packed_numel, unpack_bits, unpack_si
 
 _FP16_MIN_NORMAL = 6.104e-05
 _FP16_MAX = 65504.0
+FP16_MAX_EXTRA_ERROR = 1e-3
 
 
 class Granularity(str, Enum):
@@ -85,12 +88,33 @@ class SignDelta:
         return out
 
 
-def _store_scale(scale: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
-    if scale_dtype == torch.float16:
-        nz = scale[scale != 0]
-        if nz.numel() and (nz.min() < _FP16_MIN_NORMAL or nz.max() > _FP16_MAX):
-            return scale.to(torch.float32).contiguous()
-    return scale.to(scale_dtype).contiguous()
+def _store_scale(scale: torch.Tensor, scale_dtype: torch.dtype, delta2d: torch.Tensor | None = None,
+                 changed: torch.Tensor | None = None) -> torch.Tensor:
+    """``scale`` in ``scale_dtype``, or fp32 where fp16 would lose it (see the module docstring).
+
+    Without ``delta2d`` any scale outside fp16's normal range falls back to fp32. With the
+    ``(rows, cols)`` delta it was computed from (and, for one tensor-wide scale, the ``changed`` row
+    mask), subnormal fp16 scales are kept when they cost < ``FP16_MAX_EXTRA_ERROR`` of the 1-bit
+    squared error: rounding ``α_r`` by ``ε_r`` adds exactly ``cols · ε_r²`` to row ``r``'s error.
+    """
+    if scale_dtype != torch.float16:
+        return scale.to(scale_dtype).contiguous()
+    nz = scale[scale != 0]
+    if not nz.numel() or (nz.min() >= _FP16_MIN_NORMAL and nz.max() <= _FP16_MAX):
+        return scale.to(torch.float16).contiguous()
+    half = scale.to(torch.float16)
+    if delta2d is None or nz.max() > _FP16_MAX or bool(((half == 0) & (scale != 0)).any()):
+        return scale.to(torch.float32).contiguous()
+    cols = delta2d.shape[1]
+    rows_used = changed.float() if changed is not None else torch.ones(delta2d.shape[0])
+    alpha = scale.float().expand(delta2d.shape[0]) * rows_used  # per-row α (0 for unchanged rows)
+    eps = (half.float().expand(delta2d.shape[0]) - scale.float().expand(delta2d.shape[0])) * rows_used
+    sq = torch.linalg.vector_norm(delta2d.double(), ord=2, dim=1) ** 2
+    one_bit_err = float(sq.sum() - cols * (alpha.double() ** 2).sum())
+    extra = float(cols * (eps.double() ** 2).sum())
+    if extra <= FP16_MAX_EXTRA_ERROR * max(one_bit_err, 0.0):
+        return half.contiguous()
+    return scale.to(torch.float32).contiguous()
 
 
 def encode(
@@ -108,6 +132,7 @@ def encode(
     l1 = torch.linalg.vector_norm(d, ord=1, dim=1)
     cols = max(d.shape[1], 1)
     rowmask = None
+    changed = None
     if granularity == Granularity.ROW:
         scale = l1 / cols
     else:
@@ -117,7 +142,7 @@ def encode(
         scale = mean.reshape(1)
         if n_changed < d.shape[0]:
             rowmask = pack_bits(changed)
-    return SignDelta(tuple(delta.shape), signs, _store_scale(scale, scale_dtype), granularity, rowmask)
+    return SignDelta(tuple(delta.shape), signs, _store_scale(scale, scale_dtype, d, changed), granularity, rowmask)
 
 
 def from_tensors(shape: tuple[int, ...], granularity: Granularity | str, signs, scale, rowmask=None) -> SignDelta:
