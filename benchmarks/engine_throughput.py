@@ -242,7 +242,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--cache-gb", type=float, default=2.0, help="engine working-weight cache budget")
+    ap.add_argument("--cache-gb", type=float, default=1.0, help="engine working-weight cache budget (the engine default is 1 GiB)")
     ap.add_argument("--max-dense-gb", type=float, default=8.0, help="skip (b) above this many GB of dense models")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or mps")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
