@@ -157,8 +157,13 @@ class ScaleStudent(nn.Module):
     def forward(self, **kwargs):
         return functional_call(self.module, self.weights(), args=(), kwargs=kwargs, strict=False)
 
-    def write_back(self, art: DeltaArtifact) -> DeltaArtifact:
-        """A copy of ``art`` whose 1-bit tensors carry the trained scales (dtype kept)."""
+    def write_back(self, art: DeltaArtifact, finetuned_state: dict[str, torch.Tensor] | None = None) -> DeltaArtifact:
+        """A copy of ``art`` whose 1-bit tensors carry the trained scales (dtype kept).
+
+        With ``finetuned_state`` the fp16/fp32 choice per tensor follows the codec's rule exactly
+        (subnormal fp16 scales kept when their rounding costs < 0.1% of the 1-bit error);
+        without it any scale outside fp16's normal range falls back to fp32.
+        """
         new = copy.copy(art)
         new.tensors = dict(art.tensors)
         new.compression = copy.deepcopy(art.compression)
@@ -170,7 +175,14 @@ class ScaleStudent(nn.Module):
                 full[active] = a
                 a = full
             sd = copy.copy(e.sign)
-            sd.scale = _store_scale(a, e.sign.scale.dtype)
+            delta2d = changed = None
+            if finetuned_state is not None and name in finetuned_state:
+                rows = sd.rows
+                b = self._plan[name][1]
+                delta2d = finetuned_state[name][:rows].detach().float().reshape(rows, -1) - b
+                if kind == "tensor":
+                    changed = sd.row_scales(torch.float32) != 0
+            sd.scale = _store_scale(a, e.sign.scale.dtype, delta2d, changed)
             ne = copy.copy(e)
             ne.sign = sd
             new.tensors[name] = ne
@@ -289,7 +301,7 @@ def distill(
     bar.close()
     loss_after = heldout_loss()
     k = min(10, len(history))
-    res_art = student.write_back(art)
+    res_art = student.write_back(art, teacher.state_dict())
     wall = time.perf_counter() - t0
     result = DistillResult(res_art, loss_before, loss_after, sum(history[:k]) / k, sum(history[-k:]) / k,
                            cfg.steps, wall, student.num_scales(), history)
