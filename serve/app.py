@@ -31,6 +31,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
@@ -52,6 +53,15 @@ from .schemas import ClassifyRequest, ClassifyResponse, ErrorResponse, Health, M
 from .store import NAME_PATTERN, ArtifactStore, StoreError, check_name
 
 logger = logging.getLogger("bitdelta.serve")
+
+try:  # Ray errors meaning "the replica is gone" (a RayTaskError, a bug in the call, is not one)
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    _REPLICA_GONE: tuple[type[BaseException], ...] = (ActorDiedError, ActorUnavailableError, RayActorError)
+except ImportError:  # pragma: no cover - older Ray
+    from ray.exceptions import RayActorError
+
+    _REPLICA_GONE = (RayActorError,)
 
 API_VERSION = "1"
 ENGINE_CALL_TIMEOUT_S = 30.0
@@ -471,8 +481,10 @@ async def _http_error(request: Request, exc: StarletteHTTPException):
 
 @app.exception_handler(Exception)
 async def _unexpected(request: Request, exc: Exception):
-    logger.exception("unhandled error on %s %s", request.method, request.url.path)
-    return _json_error(500, "internal_error", f"{type(exc).__name__}: {exc}")
+    # never echo the exception: a Ray error carries a remote traceback (paths, IPs, actor ids)
+    error_id = uuid.uuid4().hex[:12]
+    logger.error("unhandled error %s on %s %s", error_id, request.method, request.url.path, exc_info=exc)
+    return _json_error(500, "internal_error", f"internal error (id {error_id}); see the server log")
 
 
 def _digest(s: str) -> bytes:
@@ -550,6 +562,10 @@ class Api:
             raise
         except (asyncio.TimeoutError, TimeoutError):
             raise ApiError(503, "unavailable", f"the engine did not answer {method} within {ENGINE_CALL_TIMEOUT_S:.0f} s")
+        except _REPLICA_GONE as e:  # the replica died / is restarting: not the request's fault
+            logger.warning("engine call %s failed: %s: %s", method, type(e).__name__, e)
+            raise ApiError(503, "unavailable", f"the engine replica handling {method} died or is restarting; "
+                           "retry", {"Retry-After": "1"}) from None
 
     async def _broadcast_sync(self) -> None:
         """Tell every engine replica to pick up a store change now (best effort, bounded)."""

@@ -172,20 +172,47 @@ def run_demo(*, cache: str | os.PathLike = ".cache/demo", host: str = "127.0.0.1
 
     t0 = time.perf_counter()
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:  # transformers' per-load reports and progress bars drown the demo's own output
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cache = Path(cache)
-    prepared = prepare(cache, DEMO_TASKS, settings, progress=progress)
-    t_prep = time.perf_counter() - t0
+    # the fine-tunes run in a worker thread while the main thread starts Ray and the service
+    # (torch releases the GIL in its kernels; Ray's start-up is mostly waiting on processes)
+    box: dict[str, Any] = {}
+
+    def _prepare() -> None:
+        try:
+            box["prepared"] = prepare(cache, DEMO_TASKS, settings, progress=progress)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+            box["error"] = e
+        finally:
+            box["t"] = time.perf_counter() - t0
+
+    import threading
+
+    worker = threading.Thread(target=_prepare, name="demo-prepare", daemon=True)
+    worker.start()
     token = os.environ.get("BITDELTA_ADMIN_TOKEN") or secrets.token_urlsafe(18)
     token_hint = "from $BITDELTA_ADMIN_TOKEN" if os.environ.get("BITDELTA_ADMIN_TOKEN") else f"export BITDELTA_ADMIN_TOKEN={token}"
     cfg = ServeConfig(base=str(base_path()), store=str(cache / "store"), host=host, port=port, admin_token=token,
                       max_wait_ms=5, replica_num_cpus=0.5, max_length=128)
-    print(f"[demo] starting the service (local Ray Serve) on {host}:{port} ...", flush=True)
+    print(f"[demo] starting the service (local Ray Serve) on {host}:{port}, in parallel ...", flush=True)
     try:
         t_start = time.perf_counter()
         url = run.start(cfg, wait_s=300)
         t_service = time.perf_counter() - t_start
+        print(f"[demo] service up at {url} after {t_service:.0f} s", flush=True)
+        while worker.is_alive():  # join in slices so Ctrl-C is handled promptly
+            worker.join(timeout=0.5)
+        if "error" in box:
+            raise box["error"]
+        prepared, t_prep = box["prepared"], box["t"]
         with Client(url, admin_token=token) as c:
             for task, man in prepared.items():
                 info = c.register(task, man["path"], replace=True)
