@@ -1,0 +1,115 @@
+"""serve.batching without Ray: limits (rows, padded tokens, wait), order, per-request errors."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from serve.batching import BatchItem, MicroBatcher
+
+
+def _run(coro):
+    return asyncio.run(asyncio.wait_for(coro, timeout=30))
+
+
+class Recorder:
+    def __init__(self, fail_model=None, delay=0.0):
+        self.batches: list[list[str]] = []
+        self.fail_model = fail_model
+        self.delay = delay
+        self.threads = set()
+
+    def __call__(self, items):
+        import time
+
+        self.threads.add(threading.current_thread().name)
+        time.sleep(self.delay)
+        self.batches.append([f"{it.model}:{it.inputs[0]}" for it in items])
+        return [ValueError(f"bad {it.model}") if it.model == self.fail_model else [x.upper() for x in it.inputs]
+                for it in items]
+
+
+def _item(model, text, rows=1, tokens=4):
+    return BatchItem(model, [text] * rows, [tokens] * rows)
+
+
+async def _submit_all(b, items, stagger=0.0):
+    async def one(i, it):
+        await asyncio.sleep(stagger * i)
+        return await b.submit(it)
+
+    return await asyncio.gather(*(one(i, it) for i, it in enumerate(items)), return_exceptions=True)
+
+
+def test_concurrent_requests_share_a_batch_and_results_route_back():
+    rec = Recorder()
+    b = MicroBatcher(rec, max_batch_size=64, max_batch_tokens=10_000, max_wait_s=0.05)
+    items = [_item(f"m{i % 3}", f"t{i}") for i in range(10)]
+    out = _run(_submit_all(b, items))
+    assert out == [[f"T{i}"] for i in range(10)]
+    assert len(rec.batches) < 10  # batched
+    assert sorted(x for batch in rec.batches for x in batch) == sorted(f"m{i % 3}:t{i}" for i in range(10))
+    assert "MainThread" not in rec.threads  # the forward runs off the event loop
+
+
+@pytest.mark.parametrize("max_rows,max_tokens,rows,tokens", [(4, 10_000, 1, 4), (64, 24, 2, 4), (3, 10_000, 2, 4)],
+                         ids=["rows", "padded-tokens", "multi-row-requests"])
+def test_limits_respected_and_order_kept(max_rows, max_tokens, rows, tokens):
+    rec = Recorder(delay=0.01)
+    b = MicroBatcher(rec, max_batch_size=max_rows, max_batch_tokens=max_tokens, max_wait_s=0.05)
+    items = [_item("m", f"t{i}", rows=rows, tokens=tokens) for i in range(9)]
+    out = _run(_submit_all(b, items))
+    assert out == [[f"T{i}"] * rows for i in range(9)]
+    for batch in rec.batches:
+        n = len(batch) * rows
+        assert n <= max(max_rows, rows) and n * tokens <= max(max_tokens, rows * tokens)
+    flat = [x for batch in rec.batches for x in batch]
+    assert flat == [f"m:t{i}" for i in range(9)]  # FIFO, the carried-over request starts the next batch
+
+
+def test_oversized_request_runs_alone():
+    rec = Recorder()
+    b = MicroBatcher(rec, max_batch_size=4, max_batch_tokens=16, max_wait_s=0.05)
+    big = _item("m", "big", rows=8, tokens=8)  # 64 padded tokens > budget, 8 rows > max
+    out = _run(_submit_all(b, [_item("m", "a"), big, _item("m", "b")]))
+    assert out[1] == ["BIG"] * 8
+    assert ["m:big"] in rec.batches
+
+
+def test_errors_are_delivered_per_request():
+    rec = Recorder(fail_model="bad")
+    b = MicroBatcher(rec, max_batch_size=64, max_batch_tokens=10_000, max_wait_s=0.05)
+    out = _run(_submit_all(b, [_item("ok", "a"), _item("bad", "b"), _item("ok", "c")]))
+    assert out[0] == ["A"] and out[2] == ["C"]
+    assert isinstance(out[1], ValueError) and "bad" in str(out[1])
+
+
+def test_crashing_batch_function_fails_its_requests_only():
+    calls = []
+
+    def run(items):
+        calls.append(len(items))
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return [[x.upper() for x in it.inputs] for it in items]
+
+    b = MicroBatcher(run, max_batch_size=64, max_batch_tokens=10_000, max_wait_s=0.0)
+
+    async def go():
+        first = await asyncio.gather(b.submit(_item("m", "a")), return_exceptions=True)
+        second = await b.submit(_item("m", "b"))  # the worker survived the crash
+        return first, second
+
+    first, second = _run(go())
+    assert isinstance(first[0], RuntimeError) and second == ["B"]
+
+
+def test_stats_callback():
+    seen = []
+    b = MicroBatcher(Recorder(), max_batch_size=64, max_batch_tokens=10_000, max_wait_s=0.05, on_batch=seen.append)
+    _run(_submit_all(b, [_item("x", "a", rows=2, tokens=3), _item("y", "b", rows=1, tokens=7)]))
+    assert sum(s.rows for s in seen) == 3 and sum(s.requests for s in seen) == 2
+    if len(seen) == 1:
+        assert seen[0].models == 2 and seen[0].padded_tokens == 3 * 7
