@@ -149,5 +149,5 @@ def test_bad_config_and_inputs(pair):
     with pytest.raises(DataError, match="at least one"):
         distill(base, ft, art, empty, tokenizer=tokenizer(), progress=False)
     three = tiny_finetune(tiny_base(num_labels=3))
-    with pytest.raises(DataError, match="3-way"):
+    with pytest.raises(DataError, match="2-way head but the fine-tune has 3"):
         distill(base, three, art, dataset(), tokenizer=tokenizer(), progress=False)
