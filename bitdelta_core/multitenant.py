@@ -226,6 +226,10 @@ class BatchContext:
     tenants: dict[int, Tenant]
     admitted: set[int] = field(default_factory=set)
     perm: torch.Tensor | None = None  # sorted position -> original row (None: already sorted)
+    # CUDA: (group, row-in-group) of every sorted row and the largest group, for the stacked
+    # path that runs all groups of a Linear layer as one batched matmul (few kernel launches)
+    pad_index: tuple[torch.Tensor, torch.Tensor] | None = None
+    rmax: int = 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,6 +272,9 @@ try:  # GPT-2 style Conv1D: y = x @ W + b with W of shape (in, out)
         return y.reshape(*x.shape[:-1], w.shape[1])
 except ImportError:  # pragma: no cover - transformers always has it today
     pass
+
+
+_STACKABLE = {_linear} | ({_conv1d} if "_conv1d" in globals() else set())
 
 
 def _generic_kernel(m, p, args, kwargs):
@@ -319,6 +326,10 @@ class TenantLayer(nn.Module):
                 f"layer {self.name} received an input whose first dim {tuple(getattr(x, 'shape', ()))} "
                 f"is not the batch size {B}; this architecture cannot mix tenants per row"
             )
+        if ctx.pad_index is not None and self.kernel in _STACKABLE and not kwargs and len(args) == 1:
+            y = self._stacked(x, ctx)
+            if y is not None:
+                return y
         outs = []
         for slot, rows in ctx.groups:
             sub_args = tuple(_take_rows(a, rows, B) for a in args)
@@ -329,6 +340,29 @@ class TenantLayer(nn.Module):
                 y = self.kernel(self.base, self._params(slot, ctx), sub_args, sub_kwargs)
             outs.append((rows, y))
         return _scatter_rows(outs, B)
+
+    def _stacked(self, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor | None:
+        """All groups in one (b)addbmm over zero-padded groups; None if weights differ in shape."""
+        ws, bs = [], []
+        for slot, _ in ctx.groups:
+            if slot == BASE_SLOT or self.name not in ctx.tenants[slot].layers:
+                p = {n: getattr(self.base, n) for n in self.param_names}
+            else:
+                p = self._params(slot, ctx)
+            ws.append(p["weight"])
+            bs.append(p.get("bias"))
+        if len({tuple(w.shape) for w in ws}) != 1 or len({b is None for b in bs}) != 1:
+            return None
+        G = len(ws)
+        g_idx, r_idx = ctx.pad_index
+        xp = x.new_zeros((G, ctx.rmax, *x.shape[1:]))
+        xp[g_idx, r_idx] = x
+        W = torch.stack(ws)
+        if self.kernel is _linear:  # (G, out, in) -> (G, in, out); Conv1D is already (in, out)
+            W = W.transpose(1, 2)
+        xf = xp.reshape(G, -1, x.shape[-1])
+        y = torch.bmm(xf, W) if bs[0] is None else torch.baddbmm(torch.stack(bs).unsqueeze(1), xf, W)
+        return y.reshape(G, ctx.rmax, *x.shape[1:-1], W.shape[-1])[g_idx, r_idx]
 
     # -- parameters of one tenant for this layer -------------------------------------------
     def _params(self, slot: int, ctx: BatchContext) -> dict[str, torch.Tensor]:
@@ -425,11 +459,15 @@ class MultiTenantEngine:
         max_length: int | None = None,
         tokenizer: Any = None,
         self_check: bool = True,
+        stacked: bool | None = None,
     ):
         if dtype not in _DTYPES:
             raise InvalidInputError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         self.device = torch.device(device)
         self.dtype = _DTYPES[dtype]
+        # stacked (batched-matmul) Linear path: fewer kernel launches, but it copies every
+        # group's weights per layer, which pays on GPUs and not on memory-bound CPUs
+        self.stacked = self.device.type == "cuda" if stacked is None else bool(stacked)
         if isinstance(base, nn.Module):
             loaded = load_model(base)
             self.architecture = type(base).__name__
@@ -815,6 +853,11 @@ class MultiTenantEngine:
         ctx = BatchContext(B, groups, by_slot)
         if perm != list(range(B)):
             ctx.perm = torch.tensor(perm, device=self.device)
+        if self.stacked and len(groups) >= 3:
+            g_idx = [g for g, (_, sl) in enumerate(groups) for _ in range(sl.stop - sl.start)]
+            r_idx = [r for _, sl in groups for r in range(sl.stop - sl.start)]
+            ctx.pad_index = (torch.tensor(g_idx, device=self.device), torch.tensor(r_idx, device=self.device))
+            ctx.rmax = max(sl.stop - sl.start for _, sl in groups)
         pinned = set(by_slot)
         for s, rows in sorted(order.items(), key=lambda kv: -len(kv[1])):  # hottest first
             if s == BASE_SLOT or self._by_slot.get(s) is not by_slot[s]:

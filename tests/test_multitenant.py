@@ -57,10 +57,11 @@ def _reference(refs, names, ids, mask):
     return rows
 
 
-@pytest.mark.parametrize("cache_bytes", [1 << 30, 0], ids=["cached", "uncached"])
-def test_mixed_batch_matches_per_model_reference(setup, cache_bytes):
+@pytest.mark.parametrize("cache_bytes,stacked", [(1 << 30, False), (0, False), (1 << 30, True)],
+                         ids=["cached", "uncached", "stacked-bmm"])
+def test_mixed_batch_matches_per_model_reference(setup, cache_bytes, stacked):
     arch, base, arts, refs = setup
-    eng = MultiTenantEngine(base, cache_bytes=cache_bytes)
+    eng = MultiTenantEngine(base, cache_bytes=cache_bytes, stacked=stacked)
     for n, a in arts.items():
         eng.register(n, a)
     names = ["two", "three", None, "reg", "two", "multi", "three", None, "reg"]
