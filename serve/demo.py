@@ -171,6 +171,10 @@ def run_demo(*, cache: str | os.PathLike = ".cache/demo", host: str = "127.0.0.1
     from .config import ServeConfig
 
     t0 = time.perf_counter()
+    import signal
+
+    # Ctrl-C must stop the demo even when it was started with SIGINT ignored (e.g. `cmd &` in a script)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:  # transformers' per-load reports and progress bars drown the demo's own output
         from transformers.utils import logging as hf_logging
@@ -235,7 +239,6 @@ def run_demo(*, cache: str | os.PathLike = ".cache/demo", host: str = "127.0.0.1
         print(curl_examples(url, token_hint), flush=True)
         if not serve_forever:
             return 0
-        import signal
 
         def _term(signum, frame):
             raise KeyboardInterrupt

@@ -94,6 +94,7 @@ def serve_forever(cfg: ServeConfig, *, ray_num_cpus: int | None = None, banner=N
         raise KeyboardInterrupt
 
     old = signal.signal(signal.SIGTERM, _term)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
     try:
         url = start(cfg, ray_num_cpus=ray_num_cpus)
         if banner is not None:
