@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -142,8 +143,7 @@ def served_accuracy(client, task: str, n: int, seed: int) -> float:
     return correct / len(texts)
 
 
-def curl_examples(url: str, token_hint: str) -> str:
-    model_file = ".cache/demo/artifacts/sst2.safetensors"
+def curl_examples(url: str, token_hint: str, model_file: str = ".cache/demo/artifacts/sst2.safetensors") -> str:
     return f"""
   # classify with any registered fine-tune (one request may hold up to 64 inputs)
   curl -s {url}/v1/classify -H 'content-type: application/json' \\
@@ -222,21 +222,28 @@ def run_demo(*, cache: str | os.PathLike = ".cache/demo", host: str = "127.0.0.1
                 info = c.register(task, man["path"], replace=True)
                 print(f"[demo] registered {task}: {info['num_labels']} labels {info['labels']}, "
                       f"{info['bytes'] / 1e6:.2f} MB resident", flush=True)
+            ex = {task: c.classify(task, EXAMPLES[task][:1])[0] for task in prepared}
+            ready = time.perf_counter() - t0
+            for task, p in ex.items():
+                print(f"  {task}: {EXAMPLES[task][0]!r} -> {p['label']} ({p['score']:.2f})")
+            print(f"\n[demo] READY in {ready:.0f} s (models {t_prep:.0f} s, service start {t_service:.0f} s) at {url}"
+                  "   (Ctrl-C stops it)")
+            print(f"[demo] admin token: {token_hint}")
+            sst2_file = Path(prepared.get("sst2", {}).get("path", cache / "artifacts" / "sst2.safetensors"))
+            with contextlib.suppress(ValueError):
+                sst2_file = sst2_file.resolve().relative_to(Path.cwd())
+            print(curl_examples(url, token_hint, str(sst2_file)), flush=True)
+            # already serving; now the accuracy check through the API (held-out examples)
+            print(f"[demo] accuracy through the API on {settings.eval_examples} held-out examples per task ...",
+                  flush=True)
             rows = []
             for task, man in prepared.items():
                 acc = served_accuracy(c, task, settings.eval_examples, settings.seed)
                 rows.append((task, man["finetuned_accuracy"], acc, man["bytes"], man["eval_examples"]))
-            ex = {task: c.classify(task, EXAMPLES[task][:1])[0] for task in prepared}
-        ready = time.perf_counter() - t0
-        print("\n  fine-tune   accuracy: fine-tuned (fp32)  served 1-bit delta   delta size   held-out examples")
+        print("  fine-tune   accuracy: fine-tuned (fp32)  served 1-bit delta   delta size   held-out examples")
         for task, a_ft, a_srv, size, n in rows:
             print(f"  {task:<10}  {a_ft:>28.1%}  {a_srv:>18.1%}  {size / 1e6:>8.2f} MB   {n}")
-        for task, p in ex.items():
-            print(f"  {task}: {EXAMPLES[task][0]!r} -> {p['label']} ({p['score']:.2f})")
-        print(f"\n[demo] READY in {ready:.0f} s (models {t_prep:.0f} s, service start {t_service:.0f} s) at {url}"
-              "   (Ctrl-C stops it)")
-        print(f"[demo] admin token: {token_hint}")
-        print(curl_examples(url, token_hint), flush=True)
+        print(f"[demo] serving at {url}; Ctrl-C stops it", flush=True)
         if not serve_forever:
             return 0
 
