@@ -93,7 +93,7 @@ _PUT_SCRIPT = textwrap.dedent("""
     def hang(kind):
         calls[kind] += 1
         if f"{{kind}}{{calls[kind]}}" == stage:
-            open(marker, "w").close()
+            open(marker, "w").write(stage)
             time.sleep(120)  # SIGKILLed here
 
     def fsync(fd):
@@ -104,7 +104,7 @@ _PUT_SCRIPT = textwrap.dedent("""
         hang("link"); return real["link"](a, b)
     os.fsync, os.replace, os.link = fsync, replace_, link
     store.put(name, data, replace=replace == "1")
-    open(marker, "w").close()
+    open(marker, "w").write("done")
     time.sleep(120)
 """)
 
@@ -132,6 +132,8 @@ def test_store_put_killed_at_every_step(env, tmp_path, replace, stage):
         wait_until(lambda: marker.exists() or p.poll() is not None, timeout_s=60, interval_s=0.02,
                    what=f"the writer to reach {stage}")
         assert p.poll() is None, f"writer exited early with {p.returncode}"
+        wait_until(lambda: marker.read_text() == stage, timeout_s=10, interval_s=0.02,
+                   what=f"the writer to report stage {stage}")  # the stage was really reached
     finally:
         p.kill()
         p.wait(timeout=30)
