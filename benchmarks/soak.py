@@ -340,6 +340,7 @@ def run_load(url: str, fx: Fixture, *, duration_s: float, clients: int = 6, chur
         "tenants": len(tenants),
         "requests": len(samples),
         "requests_measured": len(measured),
+        "churners": churners,
         "churn_ops": {k: n for k, n in churn_log.items() if k != "errors"},
         "churn_errors": churn_errors[:10],
         "verdicts": v["counts"],
@@ -373,6 +374,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--duration", type=float, default=180.0, help="measured seconds after warm-up (default 180)")
     ap.add_argument("--warmup", type=float, default=30.0, help="warm-up seconds before the memory baseline")
     ap.add_argument("--clients", type=int, default=6, help="concurrent classify clients")
+    ap.add_argument("--churners", type=int, default=2, help="concurrent churn threads (disjoint tenants each)")
     ap.add_argument("--stable", type=int, default=4, help="tenants never touched")
     ap.add_argument("--churned", type=int, default=4, help="tenants registered/replaced/deleted during the run")
     ap.add_argument("--replicas", type=int, default=1, help="engine replicas")
@@ -395,8 +397,8 @@ def main(argv: list[str] | None = None) -> dict:
                           num_replicas=args.replicas, replica_num_cpus=0.5, max_wait_ms=2)
         url = run.start(cfg, ray_num_cpus=args.ray_num_cpus, wait_s=300)
         try:
-            res = run_load(url, fx, duration_s=args.duration, clients=args.clients, warmup_s=args.warmup,
-                           progress=True)
+            res = run_load(url, fx, duration_s=args.duration, clients=args.clients, churners=args.churners,
+                           warmup_s=args.warmup, progress=True)
         finally:
             run.stop()
     growth = res["rss_growth_after_warmup_pct"]
