@@ -16,7 +16,9 @@ Everything runs on 127.0.0.1 in one local Ray instance (started by the service's
 For T in 4, 16, 64 tenants (derived from one real compressed fine-tune by perturbation,
 ``engine_throughput.make_tenants``), popularity uniform or Zipf(1.0), an open-loop Poisson load
 (``benchmarks.loadgen``) at several rates, each for a bounded time, one sentence per request.
-Both systems batch (max 32 rows, 5 ms wait) and run torch with the same thread count.
+All systems stay deployed side by side and the measurement points alternate between them (this
+2-core machine is shared; a burst of other work then hits every system alike). They all batch
+(max 32 rows, 5 ms wait) and run torch with the same thread count.
 
     python -m benchmarks.served_load            # full run (~25 min on 2 cores)
     python -m benchmarks.served_load --quick    # smoke run: T = 4, one rate, a few seconds each
@@ -41,13 +43,41 @@ RESULTS = Path(__file__).parent / "results"
 log = logging.getLogger("benchmarks.served_load")
 ADMIN = "bench-admin-token"
 MUX_APP = "fullmux"
+SINGLE_APP = "single"
 
 
 # =============================================================================================
 # baseline: full fine-tuned models behind Ray Serve model multiplexing
 # =============================================================================================
+def load_full_model(path: Path, cold: bool):
+    """``from_pretrained`` of a full fine-tuned checkpoint.
+
+    ``cold``: first drop the checkpoint file from the OS page cache (``POSIX_FADV_DONTNEED``) and
+    copy the weights out of the (lazily mmap-ed) file into the process's own memory. Without this,
+    transformers maps the safetensors file and every "load" of a model evicted by the LRU is served
+    from the page cache, i.e. all T checkpoints silently stay in RAM (T x 91 MB outside the
+    replica's RSS): not an equal-memory comparison.
+    """
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    if cold:
+        for f in path.glob("*.safetensors"):
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+    model = AutoModelForSequenceClassification.from_pretrained(str(path))
+    if cold:
+        with torch.no_grad():
+            for t in list(model.parameters()) + list(model.buffers()):
+                t.data = t.data.clone()
+    return model.eval()
+
+
 def mux_app(model_dir: str, base: str, max_models: int, torch_threads: int, max_batch_size: int = 32,
-            batch_wait_s: float = 0.005, num_cpus: float = 0.5):
+            batch_wait_s: float = 0.005, num_cpus: float = 0.5, cold: bool = True):
     """A Ray Serve app: POST {"model", "inputs"} with header ``serve_multiplexed_model_id``."""
     from ray import serve
     from starlette.requests import Request
@@ -67,16 +97,14 @@ def mux_app(model_dir: str, base: str, max_models: int, torch_threads: int, max_
 
         @serve.multiplexed(max_num_models_per_replica=max_models)
         async def get_model(self, model_id: str):
-            from transformers import AutoModelForSequenceClassification
-
             path = Path(model_dir) / model_id
             if not (path / "config.json").exists():
                 raise KeyError(model_id)
             t0 = time.perf_counter()
-            model = await asyncio.to_thread(AutoModelForSequenceClassification.from_pretrained, str(path))
+            model = await asyncio.to_thread(load_full_model, path, cold)
             self.loads += 1
             self.load_s += time.perf_counter() - t0
-            return model.eval()
+            return model
 
         def _forward(self, model, texts: list[str]) -> list[dict]:
             import torch
@@ -190,7 +218,7 @@ def metrics_gauges(url: str, names: tuple[str, ...] = GAUGES) -> dict[str, float
 # =============================================================================================
 def drive(url: str, system: str, names: list[str], law: str, rate: float, args, texts: list[str], seed: int) -> dict:
     weights = popularity_weights(len(names), law)
-    path = "/v1/classify" if system == "bitdelta" else f"/{MUX_APP}"
+    path = {"bitdelta": "/v1/classify", "mux": f"/{MUX_APP}", "single": f"/{SINGLE_APP}"}[system]
 
     def make(i: int, rng: random.Random):
         name = rng.choices(names, weights)[0]
@@ -208,7 +236,7 @@ def quiesce(url: str, system: str, name: str) -> bool:
     """Wait (bounded) until the server answers one request within 2 s (its backlog is gone)."""
     import httpx
 
-    path = "/v1/classify" if system == "bitdelta" else f"/{MUX_APP}"
+    path = {"bitdelta": "/v1/classify", "mux": f"/{MUX_APP}", "single": f"/{SINGLE_APP}"}[system]
     headers = {} if system == "bitdelta" else {"serve_multiplexed_model_id": name}
 
     def probe():
@@ -217,26 +245,6 @@ def quiesce(url: str, system: str, name: str) -> bool:
         return r.status_code == 200 and time.perf_counter() - t0 < 2.0
 
     return wait_idle(probe, timeout_s=90.0)
-
-
-def sweep(url: str, system: str, T: int, law: str, rates: list[float], args, texts, extra: dict) -> list[dict]:
-    names = [f"t{i}" for i in range(T)]
-    rows = []
-    saturated = None
-    for j, rate in enumerate(rates):
-        row = {"system": system, "tenants": T, "law": law, **extra}
-        if saturated is not None:
-            rows.append({**row, "offered_rps": rate, "skipped": f"saturated at {saturated} req/s"})
-            continue
-        idle = quiesce(url, system, names[0])
-        s = drive(url, system, names, law, rate, args, texts, seed=1000 * T + 10 * j + (law == "zipf"))
-        row.update(s, idle_before=idle)
-        log.info("%s T=%d %s %.0f req/s: %.1f ok/s p50 %s p99 %s ms, %d errors", system, T, law, rate,
-                 s["throughput_rps"], s["p50_ms"], s["p99_ms"], s["errors"])
-        rows.append(row)
-        if s["error_rate"] and s["error_rate"] > 0.3:
-            saturated = rate
-    return rows
 
 
 # =============================================================================================
@@ -287,7 +295,8 @@ def plot(rows: list[dict], tenants: list[int], out_png: Path) -> None:
             axes[r][c].set_xlabel("offered load (req/s, Poisson)")
             axes[r][c].grid(True, alpha=0.3)
         axes[0][c].legend(fontsize=7)
-    fig.suptitle("MiniLM-L6 on 2 shared CPU cores, Ray Serve on 127.0.0.1: bitdelta vs @serve.multiplexed full models")
+    fig.suptitle("MiniLM-L6, 2 shared CPU cores, Ray Serve on 127.0.0.1:\nbitdelta vs @serve.multiplexed full models",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
@@ -296,7 +305,10 @@ def plot(rows: list[dict], tenants: list[int], out_png: Path) -> None:
 def markdown(rows: list[dict], tenants: list[int], meta: dict) -> str:
     md = [f"MiniLM-L6 fp32, {meta['machine']}; torch threads per replica: {meta['torch_threads']}; "
           f"{meta['duration']} s of Poisson arrivals per point, 1 sentence per request; request timeout "
-          f"{meta['timeout']} s. K = full models the multiplexing replica may hold (equal model memory).", "",
+          f"{meta['timeout']} s. K = full models the multiplexing replica may hold (equal model memory). Baseline "
+          f"checkpoint loads: " + ("cold (file dropped from the page cache, weights copied into the replica's memory)"
+                                   if meta.get("mux_cold", True) else "warm (every checkpoint stays in the OS page cache: "
+                                   "NOT equal memory)") + ".", "",
           "| system | T | law | K | offered req/s | throughput ok/s | p50 ms | p95 ms | p99 ms | errors (sent) |",
           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -339,13 +351,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="smoke run: T=4, one rate, 4 s per point")
     ap.add_argument("--tenants", nargs="+", type=int, default=[4, 16, 64])
     ap.add_argument("--laws", nargs="+", default=["uniform", "zipf"], choices=["uniform", "zipf"])
-    ap.add_argument("--rates", nargs="+", type=float, default=[5, 15, 40, 80], help="offered req/s")
-    ap.add_argument("--duration", type=float, default=12.0, help="seconds of arrivals per point")
+    ap.add_argument("--rates", nargs="+", type=float, default=[5, 10, 20, 40], help="offered req/s")
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds of arrivals per point")
     ap.add_argument("--timeout", type=float, default=15.0, help="per-request timeout (s)")
     ap.add_argument("--drain", type=float, default=10.0, help="extra seconds for outstanding requests")
     ap.add_argument("--torch-threads", type=int, default=2)
     ap.add_argument("--cache-mb", type=int, default=256, help="bitdelta working-weight cache budget (MiB)")
     ap.add_argument("--port", type=int, default=0, help="0 = a free port")
+    ap.add_argument("--mux-cold", action=argparse.BooleanOptionalAction, default=True,
+                    help="baseline loads read the checkpoint from disk into process memory (equal memory); "
+                         "--no-mux-cold lets the OS page cache keep every checkpoint (all T models in RAM)")
     ap.add_argument("--systems", nargs="+", default=["bitdelta", "mux", "single"], choices=["bitdelta", "mux", "single"])
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -380,45 +395,62 @@ def main(argv=None) -> dict:
                       max_batch_size=32, max_wait_ms=5.0, replica_num_cpus=0.5)
     rows: list[dict] = []
     memory: dict[str, dict] = {}
-    meta = {"machine": f"{os.cpu_count()} CPU cores (shared with other jobs), CPU only", "torch_threads": args.torch_threads,
+    meta = {"mux_cold": args.mux_cold, "machine": f"{os.cpu_count()} CPU cores (shared with other jobs), CPU only", "torch_threads": args.torch_threads,
             "duration": args.duration, "timeout": args.timeout, "rates": args.rates, "cache_mb": args.cache_mb}
     t_start = time.perf_counter()
     url = serve_run.start(cfg, ray_num_cpus=2, wait_s=300)
+    saturated: dict[tuple, float] = {}  # (system, T, law) -> rate at which it fell over
+
+    def point(system: str, T: int, law: str, j: int, rate: float, extra: dict) -> dict:
+        row = {"system": system, "tenants": T, "law": law, "offered_rps": rate, **extra}
+        key = (system, T, law)
+        if key in saturated:
+            return {**row, "skipped": f"saturated at {saturated[key]} req/s"}
+        tnames = names[:T]
+        idle = quiesce(url, system, tnames[0])
+        res = drive(url, system, tnames, law, rate, args, texts, seed=1000 * T + 10 * j + (law == "zipf"))
+        row.update(res, idle_before=idle)
+        log.info("%s T=%d %s %.0f req/s: %.1f ok/s p50 %s p99 %s ms, %d errors", system, T, law, rate,
+                 res["throughput_rps"], res["p50_ms"], res["p99_ms"], res["errors"])
+        if res["error_rate"] and res["error_rate"] > 0.3:
+            saturated[key] = rate
+        return row
+
     try:
-        if "bitdelta" in args.systems:
-            done = 0
-            for T in sorted(args.tenants):
-                reg_s = register_all(url, prep["arts"][done:T], names[done:T])
-                log.info("registered %d tenants over HTTP in %.1f s", T - done, reg_s)
-                done = T
-                for law in args.laws:
-                    rows += sweep(url, "bitdelta", T, law, args.rates, args, texts, {})
-                g = metrics_gauges(url)
-                budget = g.get("base_bytes", 0) + g.get("pool_bytes", 0) + g.get("cache_budget_bytes", 0)
-                memory[str(T)] = {"bitdelta_rss": g.get("replica_rss_bytes", 0), "bitdelta_model_budget": budget,
-                                  "pool_bytes": g.get("pool_bytes"), "cache_bytes_used": g.get("cache_bytes"),
-                                  "K": max(1, int(budget // prep["full_model_bytes"])), "registration_s": round(reg_s, 2)}
-            serve.delete(serve_run.APP_NAME)
-        for T in sorted(args.tenants):
-            memory.setdefault(str(T), {"K": max(1, int((prep["full_model_bytes"] + T * 3.2e6 + (args.cache_mb << 20))
-                                                        // prep["full_model_bytes"]))})
-        if "mux" in args.systems:
-            for T in sorted(args.tenants):
-                K = memory[str(T)]["K"]
-                serve.run(mux_app(str(prep["full_dir"]), str(prep["base"]), K, args.torch_threads),
+        # every system stays deployed; the points alternate between them, so that load from other
+        # jobs on this shared machine hits all of them alike
+        if "single" in args.systems:
+            serve.run(mux_app(str(prep["full_dir"]), str(prep["base"]), 1, args.torch_threads, cold=args.mux_cold),
+                      name=SINGLE_APP, route_prefix=f"/{SINGLE_APP}", blocking=False)
+        done = 0
+        for ti, T in enumerate(sorted(args.tenants)):
+            reg_s = register_all(url, prep["arts"][done:T], names[done:T])
+            log.info("registered %d tenants over HTTP in %.1f s", T - done, reg_s)
+            done = T
+            g = metrics_gauges(url)
+            budget = g.get("base_bytes", 0) + g.get("pool_bytes", 0) + g.get("cache_budget_bytes", 0)
+            K = max(1, int(budget // prep["full_model_bytes"]))
+            memory[str(T)] = {"bitdelta_model_budget": budget, "pool_bytes": g.get("pool_bytes"), "K": K,
+                              "registration_s": round(reg_s, 2)}
+            if "mux" in args.systems:
+                serve.run(mux_app(str(prep["full_dir"]), str(prep["base"]), K, args.torch_threads, cold=args.mux_cold),
                           name=MUX_APP, route_prefix=f"/{MUX_APP}", blocking=False)
-                for law in args.laws:
-                    rows += sweep(url, "mux", T, law, args.rates, args, texts, {"K": K})
+            for law in args.laws:
+                for j, rate in enumerate(args.rates):
+                    if "bitdelta" in args.systems:
+                        rows.append(point("bitdelta", T, law, j, rate, {}))
+                    if "mux" in args.systems:
+                        rows.append(point("mux", T, law, j, rate, {"K": K}))
+                    if "single" in args.systems and ti == 0 and law == args.laws[0]:
+                        rows.append(point("single", 1, "uniform", j, rate, {"K": 1}))
+            g = metrics_gauges(url)
+            memory[str(T)].update(bitdelta_rss=g.get("replica_rss_bytes", 0), cache_bytes_used=g.get("cache_bytes"))
+            if "mux" in args.systems:
                 import httpx
 
                 st = httpx.get(f"{url}/{MUX_APP}/stats", timeout=30).json()
                 memory[str(T)].update(mux_rss=st["rss_bytes"], mux_loads=st["loads"], mux_load_s=st["load_s"])
                 serve.delete(MUX_APP)
-        if "single" in args.systems:
-            serve.run(mux_app(str(prep["full_dir"]), str(prep["base"]), 1, args.torch_threads),
-                      name=MUX_APP, route_prefix=f"/{MUX_APP}", blocking=False)
-            rows += sweep(url, "single", 1, "uniform", args.rates, args, texts, {"K": 1})
-            serve.delete(MUX_APP)
     finally:
         serve_run.stop()
     meta["memory"] = memory
