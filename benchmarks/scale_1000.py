@@ -96,6 +96,7 @@ def plot(out: dict, png: Path) -> None:
           [rss, out["checks"]["full_models_would_need_gb"]], color=["tab:blue", "tab:red"])
     b.axhline(8, color="k", ls=":", lw=1, label="8 GB target")
     b.set_yscale("log")
+    b.set_ylim(0.5, 200)
     b.set_ylabel("GB")
     b.set_title(f"{out['tenants']} fine-tunes of MiniLM-L6")
     b.legend()
