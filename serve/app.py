@@ -65,6 +65,7 @@ except ImportError:  # pragma: no cover - older Ray
 
 API_VERSION = "1"
 ENGINE_CALL_TIMEOUT_S = 30.0
+_IDEMPOTENT = frozenset({"classify", "list_models", "get_model"})
 
 
 def _replica_id() -> str:
@@ -555,17 +556,25 @@ class Api:
 
     # ---- helpers ------------------------------------------------------------------------------
     async def _call(self, method: str, *args) -> Any:
-        try:
-            resp = getattr(self.engine, method).remote(*args)
-            return raise_if_error(await asyncio.wait_for(resp, ENGINE_CALL_TIMEOUT_S))
-        except ApiError:
-            raise
-        except (asyncio.TimeoutError, TimeoutError):
-            raise ApiError(503, "unavailable", f"the engine did not answer {method} within {ENGINE_CALL_TIMEOUT_S:.0f} s")
-        except _REPLICA_GONE as e:  # the replica died / is restarting: not the request's fault
-            logger.warning("engine call %s failed: %s: %s", method, type(e).__name__, e)
-            raise ApiError(503, "unavailable", f"the engine replica handling {method} died or is restarting; "
-                           "retry", {"Retry-After": "1"}) from None
+        """One engine call; read-only calls are retried once if the replica died under them
+        (Serve routes the retry to a live replica). Registrations are never retried blindly."""
+        attempts = 2 if method in _IDEMPOTENT else 1
+        for attempt in range(attempts):
+            try:
+                resp = getattr(self.engine, method).remote(*args)
+                return raise_if_error(await asyncio.wait_for(resp, ENGINE_CALL_TIMEOUT_S))
+            except ApiError:
+                raise
+            except (asyncio.TimeoutError, TimeoutError):
+                raise ApiError(503, "unavailable",
+                               f"the engine did not answer {method} within {ENGINE_CALL_TIMEOUT_S:.0f} s") from None
+            except _REPLICA_GONE as e:  # the replica died / is restarting: not the request's fault
+                logger.warning("engine call %s failed (attempt %d): %s: %s", method, attempt + 1, type(e).__name__, e)
+                if attempt + 1 < attempts:
+                    continue
+                raise ApiError(503, "unavailable", f"the engine replica handling {method} died or is restarting; "
+                               "retry", {"Retry-After": "1"}) from None
+        raise AssertionError("unreachable")
 
     async def _broadcast_sync(self) -> None:
         """Tell every engine replica to pick up a store change now (best effort, bounded)."""
