@@ -151,6 +151,36 @@ def markdown(rows: list[dict], summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_results(rows: list[dict], tasks: list[str], dcfg: DistillConfig, out: Path, total_s: float | None) -> dict:
+    """Summary + JSON + Markdown for ``rows`` (called after every task, so a cut run keeps its rows)."""
+    d1 = [r["drop_points_1bit"] for r in rows]
+    dd = [r["drop_points_distilled"] for r in rows]
+    summary = {
+        "tasks": tasks,
+        "drop_1bit_mean": sum(d1) / len(d1), "drop_1bit_worst": max(d1),
+        "drop_distilled_mean": sum(dd) / len(dd), "drop_distilled_worst": max(dd),
+        "agreement_min": min(r["distilled"]["agreement"] for r in rows),
+        "bits_per_param_max": max(r["distilled"]["bits_per_parameter"] for r in rows),
+        "distill_s_max": max(r["times_s"]["distill_s"] for r in rows),
+        "total_s": total_s,
+    }
+    summary["targets_met"] = {
+        "drop_mean<=0.3": summary["drop_distilled_mean"] <= 0.3,
+        "drop_worst<=1.0": summary["drop_distilled_worst"] <= 1.0,
+        "agreement>=0.98": summary["agreement_min"] >= 0.98,
+        "bits_per_param<=1.10": summary["bits_per_param_max"] <= 1.10,
+        "distill<=180s": summary["distill_s_max"] <= 180,
+    }
+    doc = {"summary": summary, "distill_config": asdict(dcfg), "rows": rows,
+           "machine": {"torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                       "python": platform.python_version()},
+           "command": "flock /tmp/bench.lock .venv/bin/python -m benchmarks.accuracy_table"}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(doc, indent=2))
+    out.with_suffix(".md").write_text(markdown(rows, summary))
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", default=",".join(RECIPES), help="comma-separated tasks")
@@ -177,44 +207,22 @@ def main(argv: list[str] | None = None) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     cache = Path(args.cache)
     t_all = time.perf_counter()
-    rows = []
+    out = Path(args.out)
+    old_rows = []
+    if args.merge and out.with_suffix(".json").is_file():
+        old_rows = [r for r in json.loads(out.with_suffix(".json").read_text())["rows"] if r["task"] not in tasks]
+    rows: list[dict] = []
+    summary: dict = {}
     for task in tasks:
         r = run_task(task, base, cache, dcfg, args.refit, args.wait_cache)
         print(json.dumps({k: r[k] for k in ("task", "drop_points_1bit", "drop_points_distilled", "times_s")}),
               flush=True)
         rows.append(r)
-    out = Path(args.out)
-    if args.merge and out.with_suffix(".json").is_file():
-        old_rows = json.loads(out.with_suffix(".json").read_text())["rows"]
-        new_by_task = {r["task"]: r for r in rows}
-        rows = [new_by_task.pop(r["task"], r) for r in old_rows] + list(new_by_task.values())
-        tasks = [r["task"] for r in rows]
-    d1 = [r["drop_points_1bit"] for r in rows]
-    dd = [r["drop_points_distilled"] for r in rows]
-    summary = {
-        "tasks": tasks,
-        "drop_1bit_mean": sum(d1) / len(d1), "drop_1bit_worst": max(d1),
-        "drop_distilled_mean": sum(dd) / len(dd), "drop_distilled_worst": max(dd),
-        "agreement_min": min(r["distilled"]["agreement"] for r in rows),
-        "bits_per_param_max": max(r["distilled"]["bits_per_parameter"] for r in rows),
-        "distill_s_max": max(r["times_s"]["distill_s"] for r in rows),
-        "total_s": round(time.perf_counter() - t_all, 1) if not args.merge else None,
-    }
-    summary["targets_met"] = {
-        "drop_mean<=0.3": summary["drop_distilled_mean"] <= 0.3,
-        "drop_worst<=1.0": summary["drop_distilled_worst"] <= 1.0,
-        "agreement>=0.98": summary["agreement_min"] >= 0.98,
-        "bits_per_param<=1.10": summary["bits_per_param_max"] <= 1.10,
-        "distill<=180s": summary["distill_s_max"] <= 180,
-    }
-    doc = {"summary": summary, "distill_config": asdict(dcfg), "rows": rows,
-           "machine": {"torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                       "python": platform.python_version()},
-           "command": "flock /tmp/bench.lock .venv/bin/python -m benchmarks.accuracy_table"}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(doc, indent=2))
-    out.with_suffix(".md").write_text(markdown(rows, summary))
-    print(markdown(rows, summary))
+        all_rows = old_rows + rows
+        summary = write_results(all_rows, [x["task"] for x in all_rows], dcfg, out,
+                                None if old_rows else round(time.perf_counter() - t_all, 1))
+    all_rows = old_rows + rows
+    print(markdown(all_rows, summary))
     print(json.dumps(summary))
     return 0
 
