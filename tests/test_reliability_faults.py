@@ -380,7 +380,8 @@ def test_replica_killed_under_load_recovers_with_every_model(env, restarted):
           f"{sum(1 for e in after if e[4])} ok after the kill")
     # every 200 was correct (a wrong answer would have ok=False with status 200)
     assert not [e for e in entries if e[2] == 200 and not e[4]], "a 200 answer was wrong"
-    assert all(e[2] in (0, 500, 502, 503, 504) for e in failed), sorted({e[2] for e in failed})
+    # a request caught on the dying replica is a retryable 503 (never a hang, a reset or a 500)
+    assert all(e[2] == 503 for e in failed), sorted({e[2] for e in failed})
     assert recovery_s < 150 and t_rec - t_kill[0] < 150
     # the new replica (a new process) serves every registered model with the offline answers
     new_pids = wait_until(lambda: _replica_pids() or None, timeout_s=30, what="the new replica in the actor table")
