@@ -22,7 +22,7 @@ own subprocess with N = 0 and subtracted from the "net" numbers, which are compa
 Tensor bytes (what the tensors themselves hold) are reported next to the resident numbers.
 Tenants 2..N are perturbations of one real compressed fine-tune (``engine_throughput.make_tenants``).
 
-    python -m benchmarks.memory_vs_n            # full run (~10 min on 2 cores)
+    python -m benchmarks.memory_vs_n            # full run (~12 min on 2 cores)
     python -m benchmarks.memory_vs_n --quick    # CI smoke run: MiniLM, N in {0, 1, 4}
 """
 

@@ -15,7 +15,7 @@ deltas. Steps, all over HTTP on 127.0.0.1 against the service started by its own
 Tenants are perturbations of one real compressed fine-tune (``engine_throughput.make_tenants``),
 uploaded as ordinary artifacts.
 
-    python -m benchmarks.scale_1000            # full run (~20 min on 2 cores)
+    python -m benchmarks.scale_1000            # full run (~8 min on 2 cores)
     python -m benchmarks.scale_1000 --quick    # smoke run: 40 tenants vs 4, a few seconds of load
 """
 

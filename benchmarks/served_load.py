@@ -20,7 +20,7 @@ All systems stay deployed side by side and the measurement points alternate betw
 2-core machine is shared; a burst of other work then hits every system alike). They all batch
 (max 32 rows, 5 ms wait) and run torch with the same thread count.
 
-    python -m benchmarks.served_load            # full run (~25 min on 2 cores)
+    python -m benchmarks.served_load            # full run (~13 min on 2 cores)
     python -m benchmarks.served_load --quick    # smoke run: T = 4, one rate, a few seconds each
 """
 
