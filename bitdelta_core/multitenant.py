@@ -50,7 +50,7 @@ from torch import nn
 
 from .apply import check_base
 from .artifact import DeltaArtifact, artifact_from_bytes, load_artifact
-from .codec import SignDelta
+from .codec import Granularity, SignDelta
 from .errors import (
     BaseMismatchError,
     InputTooLongError,
@@ -712,9 +712,11 @@ class MultiTenantEngine:
                 d = ParamDelta("dense", dense=e.dense.to(device=self.device, dtype=self.dtype))
             else:
                 s = e.sign
-                sign = SignDelta(s.shape, s.signs.to(self.device), s.scale.to(self.device), s.granularity,
-                                 None if s.rowmask is None else s.rowmask.to(self.device))
-                d = ParamDelta("sign", sign=sign, scale=s.row_scales(torch.float32).to(self.device, self.dtype))
+                # one resident copy of the scales: per row, in the compute dtype (row masks of
+                # per-tensor granularity are folded into them)
+                rows = s.row_scales(torch.float32).to(self.device, self.dtype)
+                sign = SignDelta(s.shape, s.signs.to(self.device), rows, Granularity.ROW)
+                d = ParamDelta("sign", sign=sign, scale=rows)
                 if not isinstance(self._module(mname), nn.Embedding):
                     merged += math.prod(s.shape) * self.dtype.itemsize
             layers.setdefault(mname, {})[pname] = d
