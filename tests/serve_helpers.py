@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import torch
+from tenant_fixtures import tiny_tokenizer as _tiny_tokenizer
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedTokenizerFast
 
 VOCAB = 120
@@ -20,19 +21,7 @@ AUTH = {"Authorization": f"Bearer {ADMIN}"}
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """BERT-style word-level tokenizer: [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3, then w0..w115."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-
-    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3}
-    for w in WORDS:
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", 2), ("[SEP]", 3)],
-    )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                                   sep_token="[SEP]", model_max_length=32)
+    return _tiny_tokenizer(WORDS, model_max_length=32)
 
 
 def save_base(path: Path, seed: int = 0) -> Path:

@@ -24,7 +24,7 @@ def tiny_config(model_type: str, **overrides):
     return AutoConfig.for_model(model_type, **{**TINY[model_type], **overrides})
 
 
-def tiny_tokenizer(words: list[str] | None = None) -> PreTrainedTokenizerFast:
+def tiny_tokenizer(words: list[str] | None = None, model_max_length: int = 64) -> PreTrainedTokenizerFast:
     """A BERT-style word-level tokenizer: [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3, then words."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
@@ -40,7 +40,7 @@ def tiny_tokenizer(words: list[str] | None = None) -> PreTrainedTokenizerFast:
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
-        model_max_length=64,
+        model_max_length=model_max_length,
     )
 
 
