@@ -40,6 +40,7 @@ import math
 import os
 import re
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -497,6 +498,7 @@ class MultiTenantEngine:
         self._by_slot: dict[int, Tenant] = {}
         self._next_slot = 0
         self._cache = WorkingCache(cache_bytes)
+        self._validated: weakref.WeakValueDictionary[int, DeltaArtifact] = weakref.WeakValueDictionary()
         self._ctx: BatchContext | None = None
         self.base_bytes = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
         if self_check:
@@ -653,6 +655,7 @@ class MultiTenantEngine:
                 ok_head = name in self._head_params and tuple(e.shape[1:]) == want[1:]
                 if not ok_head:
                     raise BaseMismatchError(f"tensor {name!r} has shape {tuple(e.shape)}, the base has {want}")
+        self._validated[id(art)] = art
         return art
 
     def _as_artifact(self, artifact) -> DeltaArtifact:
@@ -671,7 +674,10 @@ class MultiTenantEngine:
             )
         if not replace and name in self._tenants:
             raise ModelExistsError(f"model {name!r} is already registered")
-        art = self.validate(artifact)
+        if isinstance(artifact, DeltaArtifact) and self._validated.get(id(artifact)) is artifact:
+            art = artifact  # validate() already checked this very object (the service does)
+        else:
+            art = self.validate(artifact)
         layers, merged_bytes = self._resident_layers(art)
         num_labels, id2label, problem = _head_info(art, self.config)
         nbytes = sum(d.nbytes() for ps in layers.values() for d in ps.values())
