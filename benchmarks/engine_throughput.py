@@ -165,7 +165,7 @@ def timed_interleaved(fns: dict, reps: int, device="cpu") -> dict:
 
 
 def run_config(base_path: Path, label: str, T: int, law: str, args, shared) -> dict:
-    base, arts = shared["base"], shared["arts"][:T]
+    arts = shared["arts"][:T]
     names = [f"t{i}" for i in range(T)]
     B, L = args.batch, args.seq
     g = torch.Generator().manual_seed(1)

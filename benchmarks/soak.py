@@ -215,7 +215,6 @@ def run_load(url: str, fx: Fixture, *, duration_s: float, clients: int = 6, chur
     """Register the fixture, run classify clients + churn threads for ``duration_s``, verify."""
     import httpx
 
-    rng = random.Random(seed)
     with httpx.Client(base_url=url, timeout=60.0) as c:
         initial: dict[str, str | None] = {}
         for t in fx.stable:

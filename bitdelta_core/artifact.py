@@ -40,14 +40,13 @@ from safetensors.torch import load as st_load_bytes
 from safetensors.torch import save as st_save_bytes
 
 from . import __version__
-from .codec import Granularity, SignDelta, from_tensors
+from .codec import SignDelta, from_tensors
 from .errors import (
     ArtifactContentError,
     ArtifactCorruptError,
     ArtifactNotFoundError,
     ArtifactVersionError,
 )
-from .packing import packed_numel
 from .select import Codec
 
 FORMAT_VERSION = 1

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -33,7 +32,7 @@ from bitdelta_core.apply import apply
 from bitdelta_core.compress import compress
 from serve import run
 from serve.config import ServeConfig
-from serve.store import ArtifactStore, sha256_hex
+from serve.store import ArtifactStore
 from serve_helpers import ADMIN, AUTH, finetune, free_port, reference_predictions, save_base, texts, tiny_tokenizer, wait_until
 
 pytestmark = pytest.mark.slow

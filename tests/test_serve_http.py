@@ -9,7 +9,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import math
-import os
 import re
 
 import pytest
