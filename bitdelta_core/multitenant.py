@@ -210,10 +210,6 @@ class WorkingCache:
         self._entries.pop(slot, None)
         self._reserved.pop(slot, None)
 
-    def clear(self) -> None:
-        self._entries.clear()
-        self._reserved.clear()
-
 
 # ---------------------------------------------------------------------------------------------
 # the forward context shared by all wrappers during one batched forward
@@ -312,8 +308,7 @@ class TenantLayer(nn.Module):
         ctx = self._engine[0]._ctx
         if ctx is None or (len(ctx.groups) == 1 and ctx.groups[0][0] == BASE_SLOT):
             return self.base(*args, **kwargs)
-        touched = [g for g in ctx.groups if self.name in ctx.tenants.get(g[0], _NO_TENANT).layers]
-        if not touched:
+        if not any(s in ctx.tenants and self.name in ctx.tenants[s].layers for s, _ in ctx.groups):
             return self.base(*args, **kwargs)
         if isinstance(self.base, nn.Embedding):
             return self._embedding(args[0], ctx)
@@ -411,13 +406,6 @@ class TenantLayer(nn.Module):
         return out
 
 
-class _NoTenant:
-    layers: dict = {}
-
-
-_NO_TENANT = _NoTenant()
-
-
 def _take_rows(a, rows: slice, B: int):
     if isinstance(a, torch.Tensor) and a.dim() >= 1 and a.shape[0] == B:
         return a[rows]
@@ -484,7 +472,6 @@ class MultiTenantEngine:
         # without one they are the model's own tensors (no second copy of the base in memory)
         self._fingerprinter = Fingerprinter({k: v.detach() for k, v in base_state.items()})
         self._base_state_shapes = {k: tuple(v.shape) for k, v in loaded.state.items()}
-        self._present = set(base_state)
         model.to(device=self.device, dtype=self.dtype)
         for p in model.parameters():
             p.requires_grad_(False)
