@@ -38,7 +38,6 @@ import datetime as _dt
 import logging
 import math
 import os
-import re
 import threading
 import weakref
 from collections import OrderedDict
@@ -61,45 +60,22 @@ from .errors import (
     UnknownModelError,
 )
 from .models import Fingerprinter, load_model, resolve_class
+from .naming import NAME_PATTERN
+from .packing import sign_lut, unpack_sign_rows
 from .select import Codec
 
 logger = logging.getLogger(__name__)
 
 BASE_SLOT = -1
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-# ---------------------------------------------------------------------------------------------
-# sign unpacking with a lookup table: byte -> 8 signs (LSB first), one gather per byte
-# ---------------------------------------------------------------------------------------------
-_LUT_CACHE: dict[tuple[torch.dtype, str], torch.Tensor] = {}
-
-
-def _sign_lut(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    key = (dtype, str(device))
-    lut = _LUT_CACHE.get(key)
-    if lut is None:
-        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
-        lut = _LUT_CACHE[key] = (bits * 2 - 1).to(dtype=dtype, device=device)
-    return lut
 
 
 def merged_weight(base: torch.Tensor, sign: SignDelta, scale: torch.Tensor) -> torch.Tensor:
     """``base + scale[:, None] * sign(Δ)`` in ``base``'s dtype (``scale`` = per-row scales)."""
     rows = base.shape[0]
     cols = base.numel() // rows
-    lut = _sign_lut(base.dtype, base.device)
-    signs = lut[sign.signs.long()].reshape(-1)[: rows * cols].reshape(rows, cols)
+    signs = sign_lut(base.dtype, base.device)[sign.signs.long()].reshape(-1)[: rows * cols].reshape(rows, cols)
     return torch.addcmul(base.reshape(rows, cols), scale.unsqueeze(1), signs).reshape(base.shape)
-
-
-def sign_rows(sign: SignDelta, cols: int, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Signs of the selected rows (``rows`` any shape) -> ``rows.shape + (cols,)``; cols % 8 == 0."""
-    table = sign.signs.view(-1, cols // 8)
-    sel = table[rows.reshape(-1)].long()  # (k, cols/8)
-    lut = _sign_lut(dtype, sel.device)
-    return lut[sel].reshape(*rows.shape, cols)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,14 +107,13 @@ class ParamDelta:
     """How one tenant changes one base parameter (resident form)."""
 
     kind: str  # "sign" | "dense"
-    sign: SignDelta | None = None  # packed signs on the engine device
-    scale: torch.Tensor | None = None  # per-row scales (rows,) in compute dtype
+    sign: SignDelta | None = None  # packed signs + per-row scales (rows,) in compute dtype
     dense: torch.Tensor | None = None  # replacement tensor in compute dtype
 
     def nbytes(self) -> int:
         n = 0
         if self.sign is not None:
-            n += self.sign.signs.numel() + self.scale.numel() * self.scale.element_size()
+            n += self.sign.signs.numel() + self.sign.scale.numel() * self.sign.scale.element_size()
         if self.dense is not None:
             n += self.dense.numel() * self.dense.element_size()
         return n
@@ -377,7 +352,7 @@ class TenantLayer(nn.Module):
                 key = f"{self.name}.{pname}"
                 w = engine._cache.get(slot, key) if slot in ctx.admitted else None
                 if w is None:
-                    w = merged_weight(base_p.detach(), d.sign, d.scale)
+                    w = merged_weight(base_p.detach(), d.sign, d.sign.scale)
                     if slot in ctx.admitted:
                         engine._cache.put(slot, key, w)
                 out[pname] = w
@@ -401,7 +376,8 @@ class TenantLayer(nn.Module):
             if d.kind == "dense":
                 out[rows] = F.embedding(r_ids, d.dense, m.padding_idx)
             else:
-                delta = sign_rows(d.sign, m.embedding_dim, r_ids, out.dtype) * d.scale[r_ids].unsqueeze(-1)
+                signs = unpack_sign_rows(d.sign.signs, m.embedding_dim, r_ids, out.dtype)
+                delta = signs * d.sign.scale[r_ids].unsqueeze(-1)
                 out[rows] = out[rows] + delta
         return out
 
@@ -583,7 +559,7 @@ class MultiTenantEngine:
             signs = torch.randint(0, 256, (math.ceil(n / 8),), dtype=torch.uint8, generator=g).to(self.device)
             scale = torch.full((p.shape[0],), 0.05 * float(p.float().std() + 1e-3), device=self.device, dtype=self.dtype)
             sd = SignDelta(tuple(p.shape), signs, scale, "row")
-            layers.setdefault(mname, {})[pname] = ParamDelta("sign", sign=sd, scale=scale)
+            layers.setdefault(mname, {})[pname] = ParamDelta("sign", sign=sd)
             merged[f"{mname}.base.{pname}"] = merged_weight(p, sd, scale)
         probe = Tenant(None, -2, layers, 0, None, "", 0)
         vocab = int(getattr(self.config, "vocab_size", 0) or 100)
@@ -709,7 +685,7 @@ class MultiTenantEngine:
                 # per-tensor granularity are folded into them)
                 rows = s.row_scales(torch.float32).to(self.device, self.dtype)
                 sign = SignDelta(s.shape, s.signs.to(self.device), rows, Granularity.ROW)
-                d = ParamDelta("sign", sign=sign, scale=rows)
+                d = ParamDelta("sign", sign=sign)
                 if not isinstance(self._module(mname), nn.Embedding):
                     merged += math.prod(s.shape) * self.dtype.itemsize
             layers.setdefault(mname, {})[pname] = d

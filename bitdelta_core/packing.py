@@ -82,6 +82,22 @@ def unpack_signs(packed: torch.Tensor, shape: tuple[int, ...] | torch.Size, dtyp
     return (bits.to(dtype) * 2 - 1).reshape(shape)
 
 
+_LUT_CACHE: dict[tuple[torch.dtype, str], torch.Tensor] = {}
+
+
+def sign_lut(dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """``(256, 8)`` table: byte value -> its 8 signs (LSB first) as ``dtype`` in {-1, +1}.
+
+    Indexing it with packed bytes unpacks signs in one gather (used on the multi-tenant hot path).
+    """
+    key = (dtype, str(device))
+    lut = _LUT_CACHE.get(key)
+    if lut is None:
+        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
+        lut = _LUT_CACHE[key] = (bits * 2 - 1).to(dtype=dtype, device=device)
+    return lut
+
+
 def unpack_sign_rows(packed: torch.Tensor, cols: int, rows: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     """Signs of selected rows of a packed ``(R, cols)`` matrix, ``cols % 8 == 0``.
 
@@ -90,10 +106,5 @@ def unpack_sign_rows(packed: torch.Tensor, cols: int, rows: torch.Tensor, dtype=
     """
     if cols % 8:
         raise ValueError(f"row gather needs cols divisible by 8, got {cols}")
-    per_row = cols // 8
-    table = packed.view(-1, per_row)
-    sel = table[rows.reshape(-1)]  # (k, per_row)
-    shifts = _SHIFTS.to(packed.device)
-    bits = (sel.unsqueeze(-1) >> shifts) & 1  # (k, per_row, 8)
-    signs = bits.reshape(sel.shape[0], cols).to(dtype) * 2 - 1
-    return signs.reshape(*rows.shape, cols)
+    sel = packed.view(-1, cols // 8)[rows.reshape(-1)].long()  # (k, cols/8)
+    return sign_lut(dtype, packed.device)[sel].reshape(*rows.shape, cols)

@@ -511,7 +511,7 @@ _UPLOAD_OPENAPI = {
         "content": {"multipart/form-data": {"schema": {
             "type": "object", "required": ["name", "file"],
             "properties": {
-                "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+                "name": {"type": "string", "pattern": f"^{NAME_PATTERN.pattern}$",
                          "description": "model name (1-64 chars of A-Z a-z 0-9 . _ -, starting alphanumeric)"},
                 "file": {"type": "string", "format": "binary",
                          "description": "a .safetensors delta artifact made by `bitdelta compress`"},

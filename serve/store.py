@@ -47,11 +47,11 @@ from bitdelta_core.errors import (
     ModelExistsError,
     UnknownModelError,
 )
+from bitdelta_core.naming import NAME_PATTERN
 
 logger = logging.getLogger(__name__)
 
 STORE_FORMAT = 1
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _SHA_PATTERN = re.compile(r"[0-9a-f]{64}")
 _RECORD_SUFFIX = ".json"
 _OBJECT_SUFFIX = ".safetensors"
