@@ -20,7 +20,10 @@ own subprocess with N = 0 and subtracted from the "net" numbers, which are compa
   engine:  #params x (N x 1 bit + 32 bits)      (fp32 base, one sign bit per weight and delta)
 
 Tensor bytes (what the tensors themselves hold) are reported next to the resident numbers.
-Tenants 2..N are perturbations of one real compressed fine-tune (``engine_throughput.make_tenants``).
+Tenants are ``engine_throughput.make_tenants``: synthetic fine-tunes whose embedding rows change
+only where SST-2 training sentences would touch them, as real fine-tunes do (``--rows all``: every
+row changes, the worst case); tenant 1 compressed for real, 2..N perturbations of it. A third line,
+``#params x 32 bits + N x artifact bytes``, shows the engine against what its files hold.
 
     python -m benchmarks.memory_vs_n            # full run (~12 min on 2 cores)
     python -m benchmarks.memory_vs_n --quick    # CI smoke run: MiniLM, N in {0, 1, 4}
@@ -35,6 +38,7 @@ import json
 import logging
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -176,18 +180,18 @@ def child(args) -> dict:
 # ---------------------------------------------------------------------------------------------
 # driver
 # ---------------------------------------------------------------------------------------------
-def prepare(label: str, nmax: int, cache: Path) -> tuple[Path, Path, int]:
+def prepare(label: str, nmax: int, cache: Path, rows: str = "seen") -> tuple[Path, Path, int]:
     """Base folder, a folder of ``nmax`` artifacts (t0..), and the base's parameter count."""
     from benchmarks.engine_throughput import bert_base_path, make_tenants, minilm_path
 
     base_path = minilm_path(cache) if label == "minilm" else bert_base_path(cache)
-    art_dir = cache / "memory_vs_n" / label
+    art_dir = cache / "memory_vs_n" / f"{label}-{rows}"
     art_dir.mkdir(parents=True, exist_ok=True)
     stamp = art_dir / "STAMP.json"
     have = json.loads(stamp.read_text()) if stamp.exists() else {}
     if have.get("n", 0) < nmax or have.get("base") != str(base_path):
-        log.info("%s: building %d tenant artifacts", label, nmax)
-        base, arts = make_tenants(base_path, nmax)
+        log.info("%s: building %d tenant artifacts (%s embedding rows changed)", label, nmax, rows)
+        base, arts = make_tenants(base_path, nmax, rows=rows)
         for i, a in enumerate(arts):
             a.save(art_dir / f"t{i}.safetensors")
         params = sum(t.numel() for t in base.module.parameters())
@@ -227,6 +231,8 @@ def plot(rows: list[dict], out_png: Path) -> None:
         ax.plot(ns, [r["theory_full"] / MB for r in rs], "k--", lw=1, label="theory: N × #params × 32 bit")
         ax.plot(ns, [r["theory_engine"] / MB for r in rs], "k:", lw=1.5,
                 label="theory: #params × (N × 1 bit + 32 bit)")
+        ax.plot(ns, [r["files_engine"] / MB for r in rs], "-.", color="gray", lw=1,
+                label=f"base fp32 + N × artifact file ({rs[0]['artifact_bits_per_param']} bits/param)")
         if full:
             ax.plot(*zip(*full), "o-", color="tab:red", label="N full models (measured RSS − fixed)")
         ax.plot(*zip(*eng), "s-", color="tab:blue", label="base + N deltas, after registration")
@@ -254,6 +260,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-full-gb", type=float, default=9.0,
                     help="do not build more full models than fit in this many GB (the machine has 24 GB, shared)")
     ap.add_argument("--timeout-s", type=float, default=900.0, help="per child process")
+    ap.add_argument("--rows", choices=["seen", "all"], default="seen",
+                    help="embedding rows the synthetic fine-tunes change: those SST-2 touches (default), or all")
     ap.add_argument("--child", choices=["none", "full", "engine"], help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--base", help=argparse.SUPPRESS)
@@ -271,7 +279,8 @@ def main(argv=None) -> dict:
     rows = []
     overhead = None
     for label in args.models:
-        base_path, art_dir, params = prepare(label, max(args.ns), cache)
+        base_path, art_dir, params = prepare(label, max(args.ns), cache, args.rows)
+        art_bytes = statistics.mean(p.stat().st_size for p in sorted(art_dir.glob("t*.safetensors"))[: max(args.ns)])
         if overhead is None:
             overhead = run_child("none", 0, base_path, art_dir, args.cache_bytes, args.timeout_s)
             log.info("fixed process cost (N=0): %.0f MB RSS", overhead["after_load"]["VmRSS"] / MB)
@@ -279,7 +288,9 @@ def main(argv=None) -> dict:
         full_model_bytes = params * 4
         for n in args.ns:
             r = {"model": label, "n": n, "params": params, "fixed_rss": fixed,
-                 "theory_full": n * params * 4, "theory_engine": math.ceil(params * (n / 8 + 4))}
+                 "theory_full": n * params * 4, "theory_engine": math.ceil(params * (n / 8 + 4)),
+                 "artifact_bytes": round(art_bytes), "artifact_bits_per_param": round(art_bytes * 8 / params, 3),
+                 "files_engine": round(params * 4 + n * art_bytes)}
             if n * full_model_bytes <= args.max_full_gb * 1e9:
                 f = run_child("full", n, base_path, art_dir, args.cache_bytes, args.timeout_s)
                 r.update(full_rss=f["after_load"]["VmRSS"], full_rss_anon=f["after_load"].get("RssAnon"),
@@ -297,6 +308,7 @@ def main(argv=None) -> dict:
                      engine_cache_bytes=e["cache_bytes"], engine_cache_budget=e["cache_budget"],
                      engine_load_s=round(e["load_s"], 2))
             r["engine_net_over_theory"] = round(r["engine_net_rss"] / r["theory_engine"], 3)
+            r["engine_net_over_files"] = round(r["engine_net_rss"] / r["files_engine"], 3)
             if r["full_rss"] is not None:
                 r["full_over_engine_rss"] = round(r["full_rss"] / r["engine_rss"], 2)
                 r["full_over_engine_net_rss"] = round(r["full_net_rss"] / r["engine_net_rss"], 2)
@@ -309,16 +321,19 @@ def main(argv=None) -> dict:
 
     out_dir = Path(os.environ.get("BENCH_OUT", RESULTS))
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = "memory_vs_n" + ("_quick" if args.quick else "")
+    name = "memory_vs_n" + ("_allrows" if args.rows == "all" else "") + ("_quick" if args.quick else "")
     plot(rows, out_dir / f"{name}.png")
     md = [f"Fixed process cost (interpreter + torch + transformers + bitdelta_core + tokenizer, BERT code run once on "
           f"a tiny config, no model; N=0 subprocess): "
           f"{fixed / MB:.0f} MB RSS, subtracted in the *net* columns. Engine cache budget "
-          f"{args.cache_bytes / 2**20:.0f} MiB. MB = 10^6 bytes.", "",
+          f"{args.cache_bytes / 2**20:.0f} MiB. MB = 10^6 bytes. Embedding rows changed by the fine-tunes: "
+          + ("those 4,000 SST-2 training sentences touch" if args.rows == "seen" else "all") + ". "
+          + "; ".join(f"{lab} artifact {rs[0]['artifact_bytes'] / MB:.2f} MB = {rs[0]['artifact_bits_per_param']} bits/param"
+                      for lab in args.models for rs in [[r for r in rows if r["model"] == lab]] if rs) + ".", "",
           "| model | N | full: RSS MB | full: net MB | full: tensor MB | engine: RSS MB | engine: net MB | "
-          "engine: tensor MB | theory engine MB | net ÷ theory | engine net after forward MB (cache MB) | "
-          "full ÷ engine (RSS) | full ÷ engine (net) |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "engine: tensor MB | theory (1 bit) MB | net ÷ theory | base + N files MB | net ÷ files | "
+          "engine net after forward MB (cache MB) | full ÷ engine (RSS) | full ÷ engine (net) |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(v):
         return "–" if v is None else f"{v / MB:,.0f}"
@@ -326,7 +341,8 @@ def main(argv=None) -> dict:
     for r in rows:
         md.append(f"| {r['model']} | {r['n']} | {f(r['full_rss'])} | {f(r['full_net_rss'])} | {f(r['full_tensor_bytes'])} | "
                   f"{f(r['engine_rss'])} | {f(r['engine_net_rss'])} | {f(r['engine_tensor_bytes'])} | "
-                  f"{f(r['theory_engine'])} | {r['engine_net_over_theory']} | "
+                  f"{f(r['theory_engine'])} | {r['engine_net_over_theory']} | {f(r['files_engine'])} | "
+                  f"{r['engine_net_over_files']} | "
                   f"{f(r['engine_net_rss_after_forward'])} ({f(r['engine_cache_bytes'])}) | "
                   f"{r.get('full_over_engine_rss') or '–'} | {r.get('full_over_engine_net_rss') or '–'} |")
     notes = [r["full_note"] for r in rows if r.get("full_note")]
@@ -345,8 +361,10 @@ def main(argv=None) -> dict:
             "full_over_engine_rss": top.get("full_over_engine_rss"),
             "full_over_engine_net_rss": top.get("full_over_engine_net_rss"),
             "max_abs_dev_from_theory": round(max(abs(r["engine_net_over_theory"] - 1) for r in rs.values()), 3),
+            "max_abs_dev_from_files": round(max(abs(r["engine_net_over_files"] - 1) for r in rs.values()), 3),
+            "artifact_bits_per_param": top["artifact_bits_per_param"],
         }
-    summary = {"benchmark": "memory_vs_n", "quick": args.quick, "fixed_rss_mb": round(fixed / MB, 1),
+    summary = {"benchmark": "memory_vs_n", "quick": args.quick, "rows": args.rows, "fixed_rss_mb": round(fixed / MB, 1),
                "machine": f"{os.cpu_count()} CPU cores, shared", "checks": checks,
                "plot": str((out_dir / f"{name}.png").relative_to(Path(__file__).resolve().parent.parent))
                if out_dir.is_relative_to(Path(__file__).resolve().parent.parent) else str(out_dir / f"{name}.png")}

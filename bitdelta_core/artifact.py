@@ -3,15 +3,15 @@ JSON metadata.
 
 Tensor names (flat, one group per fine-tuned parameter ``P``)::
 
-    P.signs    uint8 (ceil(numel/8),)     codec sign1 / resized (rows shared with the base)
-    P.scale    fp16|fp32 (rows,) or (1,)  codec sign1 / resized
-    P.rowmask  uint8 (ceil(rows/8),)      tensor granularity with unchanged rows only
+    P.signs    uint8 (ceil(kept*cols/8),) codec sign1 / resized (rows shared with the base)
+    P.scale    fp16|fp32 (kept,) or (1,)  codec sign1 / resized
+    P.rowmask  uint8 (ceil(rows/8),)      only when unchanged rows are left out (see codec)
     P.dense    any dtype, P's shape       codec dense
     P.extra    any dtype (new_rows, ...)  codec resized: rows beyond the base's
 
 Metadata key ``"bitdelta"`` holds a JSON document (format ``FORMAT_VERSION``)::
 
-    {"format_version": 1,
+    {"format_version": 2,
      "base": {"name_or_path", "fingerprint", "fingerprint_names": [...]},
      "model": {"architecture", "model_type", "config", "num_labels", "id2label", "problem_type"},
      "tokenizer": null | {"added_tokens": [{"content", "special"}]},
@@ -21,6 +21,9 @@ Metadata key ``"bitdelta"`` holds a JSON document (format ``FORMAT_VERSION``)::
 
 Every ``base`` codec tensor and every tensor whose base value is used (sign1/resized) is listed
 in ``fingerprint_names``; loading an artifact against a base checks their combined digest.
+
+Format history: 2 stores only the kept rows' signs behind a row mask (either granularity);
+1 (still read) stored every row's signs and allowed a row mask with tensor granularity only.
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ from .errors import (
 )
 from .select import Codec
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 METADATA_KEY = "bitdelta"
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 
@@ -237,9 +241,10 @@ def artifact_from_parts(flat: dict[str, torch.Tensor], meta: dict, source: str =
     if not isinstance(meta, dict):
         raise ArtifactCorruptError(f"{source}: metadata is not a JSON object")
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version not in READABLE_VERSIONS:
         raise ArtifactVersionError(
-            f"{source}: format_version {version!r} is not supported (this library reads {FORMAT_VERSION})"
+            f"{source}: format_version {version!r} is not supported (this library reads "
+            f"{', '.join(map(str, READABLE_VERSIONS))})"
         )
     for key in ("base", "tensors"):
         if not isinstance(meta.get(key), dict):
@@ -278,7 +283,7 @@ def artifact_from_parts(flat: dict[str, torch.Tensor], meta: dict, source: str =
             try:
                 entry.sign = from_tensors(
                     sign_shape, m.get("granularity", "row"), take(f"{name}.signs"), take(f"{name}.scale"),
-                    take(f"{name}.rowmask", required=False),
+                    take(f"{name}.rowmask", required=False), full_rows=version == 1,
                 )
             except ValueError as e:
                 raise ArtifactContentError(f"{source}: tensor {name!r}: {e}") from None
@@ -332,7 +337,10 @@ def inspect_artifact(path: str | os.PathLike) -> dict[str, Any]:
     counts: dict[str, int] = {}
     for name, e in art.tensors.items():
         counts[e.codec.value] = counts.get(e.codec.value, 0) + 1
-        rows.append({"name": name, **e.meta(), "bytes": e.nbytes(), "numel": math.prod(e.shape)})
+        row = {"name": name, **e.meta(), "bytes": e.nbytes(), "numel": math.prod(e.shape)}
+        if e.sign is not None:  # rows whose delta is zero are not stored (see codec)
+            row["rows_stored"] = e.sign.kept
+        rows.append(row)
     return {
         "path": str(path),
         "file_bytes": size,

@@ -121,11 +121,11 @@ def _cmd_inspect(args) -> int:
         print(f"tied:        {alias} -> {target}")
     rows = info["tensors"]
     width = max([len(r["name"]) for r in rows] + [6])
-    print(f"{'tensor':<{width}}  {'shape':<14} {'codec':<8} {'gran.':<6} {'bytes':>10} {'bits/param':>10}")
+    print(f"{'tensor':<{width}}  {'shape':<14} {'codec':<8} {'gran.':<6} {'rows kept':>10} {'bytes':>10} {'bits/param':>10}")
     for r in rows:
         bpp = r["bytes"] * 8 / r["numel"] if r["numel"] else 0.0
         print(f"{r['name']:<{width}}  {str(r['shape']):<14} {r['codec']:<8} {r.get('granularity', '-'):<6} "
-              f"{r['bytes']:>10} {bpp:>10.3f}")
+              f"{r.get('rows_stored', '-'):>10} {r['bytes']:>10} {bpp:>10.3f}")
     counts = ", ".join(f"{k}={v}" for k, v in sorted(info["codec_counts"].items()))
     bpp = info["bits_per_parameter"]
     print(f"total: {len(rows)} tensors ({counts}), {info['file_bytes']} bytes for {info['num_parameters']} "

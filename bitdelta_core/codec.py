@@ -4,20 +4,24 @@ Maths. For a weight of rank >= 2, ``Δ = W_ft - W_base`` is approximated by ``α
 with ``sign(0) = +1`` and the scales chosen to minimise ``||Δ - α ⊙ sign(Δ)||²``:
 
 * ``granularity="row"`` (default): one scale per row of dim 0, ``α_r = mean_r |Δ|``.
-  An all-zero row (an embedding row the fine-tune never touched) gets ``α_r = 0`` and so
-  reconstructs to exactly zero.
 * ``granularity="tensor"``: one scale, ``α = mean |Δ|`` over the rows that changed (the
-  BitDelta paper's choice), and a packed row mask so unchanged rows stay exactly zero.
+  BitDelta paper's choice).
+
+Rows whose delta is exactly zero (embedding rows of tokens the fine-tune never saw: typically
+35-45 % of a real fine-tune's sign bits) reconstruct to exactly zero. They are left out of the
+stored signs and scales behind a row mask, with tensor granularity always and with row
+granularity whenever that saves bytes (otherwise they are stored with ``α_r = 0``).
 
 Stored tensors (see :mod:`bitdelta_core.packing` for the bit layout):
 
-* ``signs``: uint8 ``(ceil(numel/8),)``
-* ``scale``: ``(rows,)`` or ``(1,)`` in ``scale_dtype`` (fp16 by default). A tensor's scales are
+* ``rowmask``: uint8 ``(ceil(rows/8),)``, present only when rows are left out; bit ``r`` is 1
+  when row ``r`` is stored.
+* ``signs``: uint8 ``(ceil(kept·cols/8),)``: the stored rows' signs, row-major, in row order
+  (``kept = rows`` without a row mask).
+* ``scale``: ``(kept,)`` or ``(1,)`` in ``scale_dtype`` (fp16 by default). A tensor's scales are
   kept in fp32 instead when fp16 would overflow, flush a changed row's scale to zero, or (for
   scales in fp16's subnormal range, e.g. embedding rows of rarely seen tokens) add more than
   ``FP16_MAX_EXTRA_ERROR`` (0.1 %) to the tensor's 1-bit reconstruction error ``||Δ − α ⊙ sign(Δ)||²``
-* ``rowmask``: uint8 ``(ceil(rows/8),)``, tensor granularity only, present only if some row
-  is unchanged.
 
 ``decode`` is the reference definition that :mod:`bitdelta_core.apply` and the multi-tenant
 engine are tested against.
@@ -45,35 +49,64 @@ class Granularity(str, Enum):
 
 @dataclass
 class SignDelta:
-    """A 1-bit delta of one tensor of shape ``shape`` (rows = ``shape[0]``)."""
+    """A 1-bit delta of one tensor of shape ``shape`` (rows = ``shape[0]``).
+
+    Without a ``rowmask`` every row is stored: ``signs`` packs all ``numel`` signs and a per-row
+    ``scale`` has ``rows`` entries. With a ``rowmask`` (packed bits over rows; rows whose delta is
+    exactly zero are 0) only the kept rows are stored, in order: ``signs`` packs ``kept × cols``
+    signs and a per-row ``scale`` has ``kept`` entries; the other rows decode to exactly zero.
+    """
 
     shape: tuple[int, ...]
-    signs: torch.Tensor  # uint8 (ceil(numel/8),)
-    scale: torch.Tensor  # (rows,) or (1,)
+    signs: torch.Tensor  # uint8 (ceil(kept*cols/8),)
+    scale: torch.Tensor  # (kept,) or (1,)
     granularity: Granularity
-    rowmask: torch.Tensor | None = None  # uint8 (ceil(rows/8),) or None
+    rowmask: torch.Tensor | None = None  # uint8 (ceil(rows/8),) or None (all rows kept)
 
     @property
     def rows(self) -> int:
         return self.shape[0]
 
     @property
+    def cols(self) -> int:
+        return self.numel // max(self.rows, 1)
+
+    @property
     def numel(self) -> int:
         return math.prod(self.shape)
 
+    def kept_rows(self) -> torch.Tensor | None:
+        """Indices (int64, ascending) of the stored rows, or ``None`` when every row is stored."""
+        if self.rowmask is None:
+            return None
+        return torch.nonzero(unpack_bits(self.rowmask, self.rows)).reshape(-1).to(self.signs.device)
+
+    @property
+    def kept(self) -> int:
+        """Number of stored rows."""
+        return self.rows if self.rowmask is None else int(unpack_bits(self.rowmask, self.rows).sum())
+
+    def kept_scales(self, dtype=torch.float32) -> torch.Tensor:
+        """Scales of the stored rows, ``(kept,)``, whatever the granularity."""
+        return self.scale.to(dtype).expand(self.kept).clone()
+
     def row_scales(self, dtype=torch.float32) -> torch.Tensor:
-        """Per-row scales ``(rows,)`` whatever the granularity (0 for unchanged rows)."""
-        if self.granularity == Granularity.ROW:
-            return self.scale.to(dtype)
-        alpha = self.scale.to(dtype).expand(self.rows).clone()
-        if self.rowmask is not None:
-            alpha = alpha * unpack_bits(self.rowmask, self.rows).to(dtype)
-        return alpha
+        """Per-row scales ``(rows,)`` whatever the granularity (0 for rows not stored)."""
+        idx = self.kept_rows()
+        if idx is None:
+            return self.kept_scales(dtype)
+        out = torch.zeros(self.rows, dtype=dtype, device=self.scale.device)
+        return out.index_copy_(0, idx.to(out.device), self.kept_scales(dtype))
 
     def decode(self, dtype=torch.float32) -> torch.Tensor:
         """``α ⊙ sign(Δ)`` as a dense tensor of ``shape``."""
-        signs = unpack_signs(self.signs, (self.rows, self.numel // max(self.rows, 1)), dtype)
-        return (self.row_scales(dtype).unsqueeze(1) * signs).reshape(self.shape)
+        kept, cols = self.kept, self.cols
+        vals = self.kept_scales(dtype).unsqueeze(1) * unpack_signs(self.signs, (kept, cols), dtype)
+        idx = self.kept_rows()
+        if idx is None:
+            return vals.reshape(self.shape)
+        out = torch.zeros(self.rows, cols, dtype=dtype, device=vals.device)
+        return out.index_copy_(0, idx, vals).reshape(self.shape)
 
     def nbytes(self) -> int:
         n = self.signs.numel() + self.scale.numel() * self.scale.element_size()
@@ -122,46 +155,71 @@ def encode(
     granularity: Granularity | str = Granularity.ROW,
     scale_dtype: torch.dtype = torch.float16,
 ) -> SignDelta:
-    """Encode ``delta`` (rank >= 2, any float dtype) as signs + scales."""
+    """Encode ``delta`` (rank >= 2, any float dtype) as signs + scales.
+
+    Rows whose delta is exactly zero (embedding rows of tokens the fine-tune never saw) are
+    dropped from the stored signs and scales behind a row mask whenever that saves bytes (always
+    with tensor granularity, where a zero row could not be represented otherwise).
+    """
     granularity = Granularity(granularity)
     if delta.dim() < 2:
         raise ValueError(f"1-bit codec needs a tensor of rank >= 2, got shape {tuple(delta.shape)}")
     d = delta.detach().float().reshape(delta.shape[0], -1)
+    rows, cols = d.shape
+    changed = d.ne(0).any(dim=1)
+    n_changed = int(changed.sum())
+    rowmask = None
+    if n_changed < rows:
+        scale_bytes = 0 if granularity == Granularity.TENSOR else torch.finfo(scale_dtype).bits // 8
+        saved = math.ceil(rows * cols / 8) - math.ceil(n_changed * cols / 8) + (rows - n_changed) * scale_bytes
+        if granularity == Granularity.TENSOR or saved > math.ceil(rows / 8):
+            rowmask = pack_bits(changed)
+            d = d[changed]
     signs = pack_signs(d)
     # sum_r |Δ| in one pass (no |Δ| temporary); mean = sum / cols
     l1 = torch.linalg.vector_norm(d, ord=1, dim=1)
-    cols = max(d.shape[1], 1)
-    rowmask = None
-    changed = None
+    cols = max(cols, 1)
     if granularity == Granularity.ROW:
         scale = l1 / cols
     else:
-        changed = d.ne(0).any(dim=1)
-        n_changed = int(changed.sum())
-        mean = l1[changed].sum() / (n_changed * cols) if n_changed else l1.new_zeros(())
+        mean = l1.sum() / (n_changed * cols) if n_changed else l1.new_zeros(())
         scale = mean.reshape(1)
-        if n_changed < d.shape[0]:
-            rowmask = pack_bits(changed)
-    return SignDelta(tuple(delta.shape), signs, _store_scale(scale, scale_dtype, d, changed), granularity, rowmask)
+    return SignDelta(tuple(delta.shape), signs, _store_scale(scale, scale_dtype, d), granularity, rowmask)
 
 
-def from_tensors(shape: tuple[int, ...], granularity: Granularity | str, signs, scale, rowmask=None) -> SignDelta:
-    """Rebuild a :class:`SignDelta` from stored tensors, checking their shapes (raises ValueError)."""
+def from_tensors(shape: tuple[int, ...], granularity: Granularity | str, signs, scale, rowmask=None, *,
+                 full_rows: bool = False) -> SignDelta:
+    """Rebuild a :class:`SignDelta` from stored tensors, checking their shapes (raises ValueError).
+
+    ``full_rows=True`` reads the format-1 layout, where a row mask (tensor granularity only)
+    came with the signs of every row; those are converted to the kept-rows layout.
+    """
     granularity = Granularity(granularity)
     shape = tuple(int(s) for s in shape)
     if len(shape) < 2:
         raise ValueError(f"shape {shape} has rank < 2")
-    n = math.prod(shape)
-    if signs.dtype != torch.uint8 or tuple(signs.shape) != (packed_numel(n),):
-        raise ValueError(f"signs must be uint8 ({packed_numel(n)},), got {signs.dtype} {tuple(signs.shape)}")
-    want = (shape[0],) if granularity == Granularity.ROW else (1,)
+    rows = shape[0]
+    cols = math.prod(shape) // max(rows, 1)
+    kept = rows
+    if rowmask is not None:
+        if full_rows and granularity == Granularity.ROW:
+            raise ValueError("rowmask is only valid with tensor granularity")
+        if rowmask.dtype != torch.uint8 or tuple(rowmask.shape) != (packed_numel(rows),):
+            raise ValueError(f"rowmask must be uint8 ({packed_numel(rows)},), got {rowmask.dtype} {tuple(rowmask.shape)}")
+        bits = unpack_bits(rowmask, rowmask.numel() * 8)
+        if bits[rows:].any():
+            raise ValueError("rowmask has bits set beyond the last row")
+        kept = int(bits.sum())
+    stored = rows if full_rows else kept
+    if signs.dtype != torch.uint8 or tuple(signs.shape) != (packed_numel(stored * cols),):
+        raise ValueError(f"signs must be uint8 ({packed_numel(stored * cols)},) for {stored} stored rows, "
+                         f"got {signs.dtype} {tuple(signs.shape)}")
+    want = (kept,) if granularity == Granularity.ROW else (1,)
     if tuple(scale.shape) != want or not scale.is_floating_point():
         raise ValueError(f"scale must be float {want}, got {scale.dtype} {tuple(scale.shape)}")
     if not torch.isfinite(scale).all():
         raise ValueError("scale holds NaN or Inf")
-    if rowmask is not None:
-        if granularity == Granularity.ROW:
-            raise ValueError("rowmask is only valid with tensor granularity")
-        if rowmask.dtype != torch.uint8 or tuple(rowmask.shape) != (packed_numel(shape[0]),):
-            raise ValueError(f"rowmask must be uint8 ({packed_numel(shape[0])},), got {tuple(rowmask.shape)}")
+    if full_rows and rowmask is not None:  # format 1: keep only the masked rows' signs
+        idx = torch.nonzero(unpack_bits(rowmask, rows)).reshape(-1)
+        signs = pack_bits(unpack_bits(signs, rows * cols).view(rows, cols)[idx])
     return SignDelta(shape, signs, scale, granularity, rowmask)

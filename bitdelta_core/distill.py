@@ -109,20 +109,23 @@ class ScaleStudent(nn.Module):
                 cols = sd.numel // max(rows, 1)
                 b = base_state[name]
                 b_shared = b[:rows].float().reshape(rows, cols)
-                signs = unpack_signs(sd.signs, (rows, cols), torch.float32)
+                kept = sd.kept_rows()  # None: every row stored
+                signs = unpack_signs(sd.signs, (sd.kept, cols), torch.float32)
                 if sd.granularity == Granularity.ROW:
                     stored = sd.scale.float()
-                    active = torch.nonzero(stored != 0).reshape(-1)
+                    active = torch.nonzero(stored != 0).reshape(-1)  # positions among the stored rows
                     if active.numel() == 0:
                         self._fixed[name] = reconstruct(e, b)
                         continue
-                    full = active.numel() == rows
+                    rows_of = active if kept is None else kept[active]
+                    full = rows_of.numel() == rows
                     self._plan[name] = ("row", b_shared, signs if full else signs[active].contiguous(),
-                                        None if full else active, e)
+                                        None if full else rows_of, e, active)
                     self.scales.append(nn.Parameter(stored[active].clone()))
                 else:
-                    mask = sd.row_scales(torch.float32) != 0  # rowmask (all rows when absent)
-                    self._plan[name] = ("tensor", b_shared, signs * mask.unsqueeze(1).float(), None, e)
+                    if kept is not None:  # unchanged rows: sign 0, so the shared scale leaves them alone
+                        signs = torch.zeros(rows, cols).index_copy_(0, kept, signs)
+                    self._plan[name] = ("tensor", b_shared, signs, None, e, None)
                     self.scales.append(nn.Parameter(sd.scale.float().clone()))
                 self.names.append(name)
             else:
@@ -140,7 +143,7 @@ class ScaleStudent(nn.Module):
         """Every tensor of the fine-tune's state dict (aliases of tied tensors omitted)."""
         out = dict(self._fixed)
         for name in self.names:
-            kind, b, s, active, e = self._plan[name]
+            kind, b, s, active, e, _ = self._plan[name]
             a = self.scales[self._index[name]]
             if kind == "tensor":
                 w = b + a * s
@@ -168,21 +171,21 @@ class ScaleStudent(nn.Module):
         new.tensors = dict(art.tensors)
         new.compression = copy.deepcopy(art.compression)
         for name in self.names:
-            kind, _, _, active, e = self._plan[name]
+            kind, b, _, _, e, active = self._plan[name]
             a = self.scales[self._index[name]].detach().float()
-            if kind == "row" and active is not None:
-                full = torch.zeros(e.sign.rows)
-                full[active] = a
-                a = full
             sd = copy.copy(e.sign)
-            delta2d = changed = None
+            if kind == "row" and active is not None and active.numel() != sd.kept:
+                stored = torch.zeros(sd.kept)
+                stored[active] = a
+                a = stored
+            delta2d = None
             if finetuned_state is not None and name in finetuned_state:
                 rows = sd.rows
-                b = self._plan[name][1]
                 delta2d = finetuned_state[name][:rows].detach().float().reshape(rows, -1) - b
-                if kind == "tensor":
-                    changed = sd.row_scales(torch.float32) != 0
-            sd.scale = _store_scale(a, e.sign.scale.dtype, delta2d, changed)
+                kept = sd.kept_rows()
+                if kept is not None:
+                    delta2d = delta2d[kept]
+            sd.scale = _store_scale(a, e.sign.scale.dtype, delta2d)
             ne = copy.copy(e)
             ne.sign = sd
             new.tensors[name] = ne

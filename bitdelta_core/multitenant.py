@@ -22,10 +22,11 @@ logits are padded to the widest head in the batch and cut per row afterwards.
 Memory tiers
 ------------
 * pool: per tenant the packed signs (1 bit/weight), scales and dense tensors; always resident.
-* working-weight cache: merged ``W_t`` tensors of hot tenants, an LRU over tenants bounded by
-  ``cache_bytes``. A tenant is admitted whole (all its layers) or not at all, so a cyclic
-  sweep over layers cannot thrash it; tenants that do not fit are merged layer by layer on the
-  fly (transient memory only) — correct, just slower.
+* working-weight cache: merged ``W_t`` tensors of hot tenants, bounded by ``cache_bytes``. A
+  tenant is admitted whole (all its layers) or not at all, so a cyclic sweep over layers cannot
+  thrash it, and only in place of tenants that served fewer rows recently (frequency-aware
+  admission, see :class:`WorkingCache`); tenants that are not admitted are merged layer by
+  layer on the fly (transient memory only) — correct, just slower.
 
 Thread safety: pool mutations and forwards are serialised by one lock; validation of a new
 artifact (the slow part of a registration) runs outside it, so a registration never blocks
@@ -61,7 +62,7 @@ from .errors import (
 )
 from .models import Fingerprinter, load_model, resolve_class
 from .naming import NAME_PATTERN
-from .packing import sign_lut, unpack_sign_rows
+from .packing import unpack_sign_rows, unpack_signs
 from .select import Codec
 
 logger = logging.getLogger(__name__)
@@ -70,12 +71,21 @@ BASE_SLOT = -1
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def merged_weight(base: torch.Tensor, sign: SignDelta, scale: torch.Tensor) -> torch.Tensor:
-    """``base + scale[:, None] * sign(Δ)`` in ``base``'s dtype (``scale`` = per-row scales)."""
+def merged_weight(base: torch.Tensor, sign: SignDelta, scale: torch.Tensor,
+                  index: torch.Tensor | None = None) -> torch.Tensor:
+    """``base + scale[:, None] * sign(Δ)`` in ``base``'s dtype.
+
+    ``scale`` holds one scale per stored row; ``index`` (the stored rows, ascending) is given
+    when ``sign`` leaves unchanged rows out, which then stay equal to the base.
+    """
     rows = base.shape[0]
     cols = base.numel() // rows
-    signs = sign_lut(base.dtype, base.device)[sign.signs.long()].reshape(-1)[: rows * cols].reshape(rows, cols)
-    return torch.addcmul(base.reshape(rows, cols), scale.unsqueeze(1), signs).reshape(base.shape)
+    b = base.reshape(rows, cols)
+    if index is None:
+        signs = unpack_signs(sign.signs, (rows, cols), base.dtype)
+        return torch.addcmul(b, scale.unsqueeze(1), signs).reshape(base.shape)
+    signs = unpack_signs(sign.signs, (index.numel(), cols), base.dtype)
+    return b.index_add(0, index, signs.mul_(scale.unsqueeze(1))).reshape(base.shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,13 +117,16 @@ class ParamDelta:
     """How one tenant changes one base parameter (resident form)."""
 
     kind: str  # "sign" | "dense"
-    sign: SignDelta | None = None  # packed signs + per-row scales (rows,) in compute dtype
+    sign: SignDelta | None = None  # packed signs + one scale per stored row, in compute dtype
     dense: torch.Tensor | None = None  # replacement tensor in compute dtype
+    index: torch.Tensor | None = None  # stored rows (int64, ascending) when unchanged rows are left out
 
     def nbytes(self) -> int:
         n = 0
         if self.sign is not None:
             n += self.sign.signs.numel() + self.sign.scale.numel() * self.sign.scale.element_size()
+        if self.index is not None:
+            n += self.index.numel() * self.index.element_size()
         if self.dense is not None:
             n += self.dense.numel() * self.dense.element_size()
         return n
@@ -135,13 +148,26 @@ class Tenant:
 # working-weight cache (LRU over tenants, admission by whole tenant)
 # ---------------------------------------------------------------------------------------------
 class WorkingCache:
-    def __init__(self, budget: int):
+    """Merged working weights of whole tenants, bounded by ``budget`` bytes.
+
+    Admission is frequency-aware (TinyLFU-like): the cache counts the rows each tenant served
+    (halving all counts every ``window`` rows, so popularity can shift), and a tenant that does
+    not fit in the free space only evicts tenants that served fewer rows. Under a popularity
+    skew the hot tenants therefore stay resident while the long tail streams through merged on
+    the fly; a plain LRU would let every batch's tail evict them.
+    """
+
+    def __init__(self, budget: int, window: int = 4096):
         self.budget = int(budget)
+        self.window = int(window)
         self._entries: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
         self._reserved: dict[int, int] = {}
+        self._freq: dict[int, float] = {}
+        self._seen = 0
         self.hits = 0
         self.misses = 0
         self.evictions = 0
+        self.rejections = 0
 
     @property
     def used(self) -> int:
@@ -150,19 +176,41 @@ class WorkingCache:
     def resident(self, slot: int) -> int:
         return sum(t.numel() * t.element_size() for t in self._entries.get(slot, {}).values())
 
+    def record(self, rows: dict[int, int]) -> None:
+        """Count one batch: ``rows[slot]`` rows served by each tenant."""
+        for slot, n in rows.items():
+            self._freq[slot] = self._freq.get(slot, 0.0) + n
+        self._seen += sum(rows.values())
+        if self._seen >= self.window:
+            self._seen //= 2
+            self._freq = {k: v / 2 for k, v in self._freq.items() if v >= 1 or k in self._entries}
+
     def admit(self, slot: int, size: int, pinned: set[int]) -> bool:
-        """Reserve ``size`` bytes for ``slot`` (evicting LRU tenants not in ``pinned``)."""
+        """Reserve ``size`` bytes for ``slot``, evicting only tenants (not in ``pinned``) that
+        served fewer rows; False when it does not fit (the caller merges on the fly)."""
         if slot in self._entries:
             self._entries.move_to_end(slot)
             return True
         if size > self.budget:
             return False
-        while self.used + size > self.budget:
-            victim = next((s for s in self._entries if s not in pinned), None)
-            if victim is None:
+        free = self.budget - self.used
+        if size > free:
+            want = self._freq.get(slot, 0.0)
+            # least frequent first, least recently used among equals (dict order is LRU order)
+            order = {s: i for i, s in enumerate(self._entries)}
+            victims, room = [], free
+            for s in sorted((s for s in self._entries if s not in pinned),
+                            key=lambda s: (self._freq.get(s, 0.0), order[s])):
+                if room >= size or self._freq.get(s, 0.0) >= want:
+                    break
+                victims.append(s)
+                room += self._reserved[s]
+            if room < size:
+                self.rejections += 1
                 return False
-            self.drop(victim)
-            self.evictions += 1
+            for v in victims:
+                self.drop(v)
+                self.evictions += 1
         self._entries[slot] = {}
         self._reserved[slot] = size
         return True
@@ -352,7 +400,7 @@ class TenantLayer(nn.Module):
                 key = f"{self.name}.{pname}"
                 w = engine._cache.get(slot, key) if slot in ctx.admitted else None
                 if w is None:
-                    w = merged_weight(base_p.detach(), d.sign, d.sign.scale)
+                    w = merged_weight(base_p.detach(), d.sign, d.sign.scale, d.index)
                     if slot in ctx.admitted:
                         engine._cache.put(slot, key, w)
                 out[pname] = w
@@ -376,9 +424,17 @@ class TenantLayer(nn.Module):
             if d.kind == "dense":
                 out[rows] = F.embedding(r_ids, d.dense, m.padding_idx)
             else:
+                scale = d.sign.scale
+                if d.index is not None:  # stored rows only: find each id's position, 0 scale if absent
+                    if not d.index.numel():
+                        continue
+                    pos = torch.searchsorted(d.index, r_ids).clamp_(max=d.index.numel() - 1)
+                    scale = torch.where(d.index[pos] == r_ids, scale[pos], 0)
+                    r_ids = pos
+                else:
+                    scale = scale[r_ids]
                 signs = unpack_sign_rows(d.sign.signs, m.embedding_dim, r_ids, out.dtype)
-                delta = signs * d.sign.scale[r_ids].unsqueeze(-1)
-                out[rows] = out[rows] + delta
+                out[rows] = torch.addcmul(out[rows], signs, scale.unsqueeze(-1))
         return out
 
 
@@ -681,11 +737,12 @@ class MultiTenantEngine:
                 d = ParamDelta("dense", dense=e.dense.to(device=self.device, dtype=self.dtype))
             else:
                 s = e.sign
-                # one resident copy of the scales: per row, in the compute dtype (row masks of
-                # per-tensor granularity are folded into them)
-                rows = s.row_scales(torch.float32).to(self.device, self.dtype)
-                sign = SignDelta(s.shape, s.signs.to(self.device), rows, Granularity.ROW)
-                d = ParamDelta("sign", sign=sign)
+                # one resident copy of the scales: one per stored row, in the compute dtype; rows
+                # the fine-tune left unchanged stay out (their index is kept instead of the mask)
+                scale = s.kept_scales(torch.float32).to(self.device, self.dtype)
+                index = s.kept_rows()
+                sign = SignDelta(s.shape, s.signs.to(self.device), scale, Granularity.ROW, s.rowmask)
+                d = ParamDelta("sign", sign=sign, index=None if index is None else index.to(self.device))
                 if not isinstance(self._module(mname), nn.Embedding):
                     merged += math.prod(s.shape) * self.dtype.itemsize
             layers.setdefault(mname, {})[pname] = d
@@ -830,6 +887,7 @@ class MultiTenantEngine:
             ctx.pad_index = (torch.tensor(g_idx, device=self.device), torch.tensor(r_idx, device=self.device))
             ctx.rmax = max(sl.stop - sl.start for _, sl in groups)
         pinned = set(by_slot)
+        self._cache.record({s: len(rows) for s, rows in order.items() if s != BASE_SLOT})
         for s, rows in sorted(order.items(), key=lambda kv: -len(kv[1])):  # hottest first
             if s == BASE_SLOT or self._by_slot.get(s) is not by_slot[s]:
                 continue  # base rows, or a tenant removed/replaced since the request resolved it
@@ -865,6 +923,7 @@ class MultiTenantEngine:
                 "cache_hits": self._cache.hits,
                 "cache_misses": self._cache.misses,
                 "cache_evictions": self._cache.evictions,
+                "cache_rejections": self._cache.rejections,
                 "tenants": tenants,
             }
 

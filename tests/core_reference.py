@@ -41,8 +41,13 @@ def expected_tensor(entry, base_t: torch.Tensor | None, ft_t: torch.Tensor, dens
     delta = (shared_ft.float() - base_t[: shared_ft.shape[0]].float()).reshape(shared_ft.shape[0], -1)
     gran = entry.sign.granularity.value
     want_alpha = ref_scales(delta, gran)
-    stored = entry.sign.scale.float()
-    alpha = stored if gran == "row" else torch.where(delta.ne(0).any(dim=1), stored, 0.0)
+    changed = delta.ne(0).any(dim=1)
+    kept = entry.sign.kept_rows()
+    if kept is not None:  # rows left out of the stored signs are exactly the unchanged ones
+        assert torch.equal(kept, torch.nonzero(changed).reshape(-1))
+    if gran == "tensor" and not changed.all():
+        assert kept is not None, "tensor granularity must mask its unchanged rows"
+    alpha = entry.sign.row_scales(torch.float32)
     atol = 2.0**-25 if entry.sign.scale.dtype == torch.float16 else 1e-12  # fp16 subnormal rounding
     assert torch.allclose(alpha.double(), want_alpha, rtol=SCALE_RTOL, atol=atol), (
         f"scales differ from mean|Δ|: max rel err {((alpha.double() - want_alpha).abs() / want_alpha.clamp_min(1e-30)).max()}"
@@ -74,4 +79,5 @@ def packed_bytes_ok(art) -> None:
     for name, e in art.tensors.items():
         if e.sign is not None:
             assert e.sign.signs.dtype == torch.uint8
-            assert e.sign.signs.numel() == math.ceil(math.prod(e.sign.shape) / 8), name
+            kept = e.sign.kept
+            assert e.sign.signs.numel() == math.ceil(kept * math.prod(e.sign.shape[1:]) / 8), name

@@ -228,3 +228,29 @@ def test_nan_in_finetune_is_rejected_at_compress_time():
         dict(bad.named_parameters())[W][1, 2] = float("nan")
     with pytest.raises(ModelLoadError, match=W):
         compress(base, bad, progress=False)
+
+
+def test_format_1_artifact_still_reads():
+    """Format 1 stored every row's signs next to a (tensor-granularity) row mask."""
+    from bitdelta_core.packing import pack_signs
+    from bitdelta_core.select import CompressionConfig
+
+    base, ft = pair("bert", "seqcls")
+    art = compress(base, ft, CompressionConfig(granularity="tensor"), progress=False)
+    flat, meta = split(art.to_bytes())
+    assert meta["format_version"] == FORMAT_VERSION == 2
+    masked = [n for n, e in art.tensors.items() if e.sign is not None and e.sign.rowmask is not None]
+    assert masked  # the tiny fine-tune leaves some embedding rows untouched
+    meta["format_version"] = 1
+    for n in masked:
+        full = pack_signs(art.tensors[n].sign.decode())  # every row (unchanged ones decode to 0 -> +1)
+        assert full.numel() > flat[f"{n}.signs"].numel()
+        flat[f"{n}.signs"] = full
+    old = artifact_from_bytes(join(flat, meta))
+    for n in masked:
+        assert torch.equal(old.tensors[n].sign.signs, art.tensors[n].sign.signs)
+    sd = base.state_dict()
+    assert_states_equal(apply_to_state_dict(sd, old), apply_to_state_dict(sd, art))
+    meta["format_version"] = True  # JSON true is not version 1
+    with pytest.raises(ArtifactVersionError):
+        artifact_from_bytes(join(flat, meta))

@@ -74,9 +74,9 @@ def test_gradient_reaches_the_scales_and_only_them(compressed):
         gw = params[name].grad.reshape(e.shape[0], -1)
         s = torch.sign(signs.reshape(e.shape[0], -1)) if e.sign.granularity.value == "row" else None
         if e.sign.granularity.value == "row":
-            kind, _, _, active, _ = st._plan[name]
+            rows_of = st._plan[name][3]  # the trained rows (None: all)
             want = (gw * s).sum(1)
-            want = want if active is None else want[active]
+            want = want if rows_of is None else want[rows_of]
         else:
             want = (gw * torch.sign(signs.reshape(e.shape[0], -1))).sum().reshape(1)
         torch.testing.assert_close(g, want, rtol=1e-3, atol=1e-6, msg=name)
@@ -88,11 +88,14 @@ def test_zero_delta_rows_stay_zero(pair):
     base, ft = pair
     art = compress(base, ft, progress=False)
     emb = next(n for n, e in art.tensors.items() if e.codec == Codec.SIGN1 and e.shape[0] == len(tokenizer()))
-    zero = art.tensors[emb].sign.scale == 0
+    zero = art.tensors[emb].sign.row_scales() == 0
     assert zero.sum() > 1000  # tokens never seen in training
+    assert art.tensors[emb].sign.kept == int((~zero).sum())  # and left out of the stored rows
     r = distill(base, ft, art, dataset(), DistillConfig(steps=5, lr=1e-3, calib_size=16, heldout_size=8),
                 tokenizer=tokenizer(), progress=False)
-    assert (r.artifact.tensors[emb].sign.scale[zero] == 0).all()
+    new = r.artifact.tensors[emb].sign
+    assert (new.row_scales()[zero] == 0).all() and (new.row_scales()[~zero] != 0).all()
+    assert torch.equal(new.rowmask, art.tensors[emb].sign.rowmask) and torch.equal(new.signs, art.tensors[emb].sign.signs)
 
 
 @pytest.mark.parametrize("hidden_weight", [0.0, 1.0], ids=["logits", "logits+hidden"])
@@ -131,11 +134,11 @@ def test_write_back_keeps_fp32_when_fp16_would_underflow(pair):
     i = next(i for i, n in enumerate(st.names) if art.tensors[n].sign.scale.dtype == torch.float16)
     with torch.no_grad():
         st.scales[i][0] = 1e-7  # below fp16's normal range
-    active = st._plan[st.names[i]][3]
-    row = int(active[0]) if active is not None else 0
+    rows_of = st._plan[st.names[i]][3]  # row of the first trained scale (None: all rows)
+    row = int(rows_of[0]) if rows_of is not None else 0
     new = st.write_back(art)
-    s = new.tensors[st.names[i]].sign.scale
-    assert s.dtype == torch.float32 and s[row].item() == pytest.approx(1e-7)
+    s = new.tensors[st.names[i]].sign
+    assert s.scale.dtype == torch.float32 and s.row_scales()[row].item() == pytest.approx(1e-7)
     assert art.tensors[st.names[i]].sign.scale.dtype == torch.float16  # the input is not modified
 
 

@@ -18,6 +18,7 @@ from bitdelta_core.errors import (
 )
 from bitdelta_core.multitenant import MultiTenantEngine, merged_weight
 from bitdelta_core.codec import encode
+from bitdelta_core.packing import unpack_signs
 
 from tenant_fixtures import VOCAB, finetune_tiny, save_tiny_base
 
@@ -95,10 +96,15 @@ def test_merged_weight_is_base_plus_scaled_signs():
     delta = torch.randn(6, 24) * 1e-2
     delta[4] = 0
     code = encode(delta)
-    want = base + code.scale.float()[:, None] * torch.where(delta >= 0, 1.0, -1.0)
-    got = merged_weight(base, code, code.row_scales())
-    assert torch.equal(got, want)
+    assert code.kept_rows().tolist() == [0, 1, 2, 3, 5]  # the unchanged row is left out
+    want = base + code.row_scales()[:, None] * torch.where(delta >= 0, 1.0, -1.0)
+    got = merged_weight(base, code, code.kept_scales(), code.kept_rows())
+    torch.testing.assert_close(got, want, atol=1e-7, rtol=0)  # index_add vs addcmul rounding
     assert torch.equal(got[4], base[4])
+    full = encode(torch.randn(6, 24) * 1e-2)  # every row stored
+    want = base + full.row_scales()[:, None] * unpack_signs(full.signs, (6, 24))
+    assert full.rowmask is None
+    torch.testing.assert_close(merged_weight(base, full, full.row_scales()), want, atol=1e-7, rtol=0)
 
 
 @pytest.fixture(scope="module")
@@ -250,3 +256,27 @@ def test_architecture_that_reads_weights_outside_forward_is_refused(tmp_path):
                                num_attention_heads=2, intermediate_size=64, vocab_size=VOCAB)
     AutoModelForSequenceClassification.from_config(cfg).save_pretrained(tmp_path / "albert")
     assert MultiTenantEngine(tmp_path / "albert").architecture == "AlbertForSequenceClassification"
+
+
+def test_working_cache_keeps_hot_tenants_while_a_tail_streams_through():
+    from bitdelta_core.multitenant import WorkingCache
+
+    c = WorkingCache(budget=300, window=10**6)
+    c.record({1: 10, 2: 8})
+    assert c.admit(1, 100, {1, 2}) and c.admit(2, 100, {1, 2})
+    for t in range(3, 50):  # each batch: the hot tenant 1 and one tail tenant seen once
+        c.record({1: 2, t: 1})
+        assert c.admit(1, 100, {1, t})
+        assert c.admit(t, 100, {1, t}) == (t == 3)  # only the free space takes the tail
+    assert set(c._entries) == {1, 2, 3} and c.evictions == 0 and c.rejections == 46
+    c.record({99: 50})  # popularity shifts: a busier tenant displaces the least used one
+    assert c.admit(99, 100, {99})
+    assert set(c._entries) == {1, 2, 99} and c.evictions == 1
+    assert not c.admit(7, 400, set())  # larger than the whole budget
+    # counts halve every `window` rows, so yesterday's favourite can be displaced
+    c = WorkingCache(budget=100, window=20)
+    c.record({1: 19})
+    assert c.admit(1, 100, {1})
+    for _ in range(6):
+        c.record({2: 10})
+    assert c.admit(2, 100, {2}) and set(c._entries) == {2}
