@@ -81,9 +81,9 @@ def merged_weight(base: torch.Tensor, sign: SignDelta, scale: torch.Tensor,
     rows = base.shape[0]
     cols = base.numel() // rows
     b = base.reshape(rows, cols)
-    if index is None:
+    if index is None:  # in place on the freshly unpacked signs: one allocation, no second pass buffer
         signs = unpack_signs(sign.signs, (rows, cols), base.dtype)
-        return torch.addcmul(b, scale.unsqueeze(1), signs).reshape(base.shape)
+        return signs.mul_(scale.unsqueeze(1)).add_(b).reshape(base.shape)
     signs = unpack_signs(sign.signs, (index.numel(), cols), base.dtype)
     return b.index_add(0, index, signs.mul_(scale.unsqueeze(1))).reshape(base.shape)
 
