@@ -349,6 +349,10 @@ class TenantLayer(nn.Module):
             y = self._stacked(x, ctx)
             if y is not None:
                 return y
+        if self.kernel is _linear and not kwargs and len(args) == 1:
+            y = self._grouped_linear(x, ctx)
+            if y is not None:
+                return y
         outs = []
         for slot, rows in ctx.groups:
             sub_args = tuple(_take_rows(a, rows, B) for a in args)
@@ -359,6 +363,29 @@ class TenantLayer(nn.Module):
                 y = self.kernel(self.base, self._params(slot, ctx), sub_args, sub_kwargs)
             outs.append((rows, y))
         return _scatter_rows(outs, B)
+
+    def _grouped_linear(self, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor | None:
+        """Each group's ``x_g W_gᵀ + b_g`` written straight into its rows of one output (no
+        concatenation pass); None when the groups' output widths differ (heads)."""
+        width = self.base.weight.shape[0]
+        for slot, _ in ctx.groups:
+            d = ctx.tenants[slot].layers.get(self.name, {}).get("weight") if slot != BASE_SLOT else None
+            if d is not None and d.kind == "dense" and d.dense.shape[0] != width:
+                return None
+        K = x.shape[-1]
+        out = x.new_empty((*x.shape[:-1], width))
+        for slot, rows in ctx.groups:
+            if slot == BASE_SLOT or self.name not in ctx.tenants[slot].layers:
+                w, b = self.base.weight, self.base.bias
+            else:
+                p = self._params(slot, ctx)
+                w, b = p["weight"], p.get("bias")
+            xs, o = x[rows].reshape(-1, K), out[rows].view(-1, width)
+            if b is None:
+                torch.mm(xs, w.t(), out=o)
+            else:
+                torch.addmm(b, xs, w.t(), out=o)
+        return out
 
     def _stacked(self, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor | None:
         """All groups in one (b)addbmm over zero-padded groups; None if weights differ in shape."""
@@ -428,7 +455,7 @@ class TenantLayer(nn.Module):
                 if d.index is not None:  # stored rows only: find each id's position, 0 scale if absent
                     if not d.index.numel():
                         continue
-                    pos = torch.searchsorted(d.index, r_ids).clamp_(max=d.index.numel() - 1)
+                    pos = torch.searchsorted(d.index, r_ids.contiguous()).clamp_(max=d.index.numel() - 1)
                     scale = torch.where(d.index[pos] == r_ids, scale[pos], 0)
                     r_ids = pos
                 else:
