@@ -121,14 +121,13 @@ class SignDelta:
         return out
 
 
-def _store_scale(scale: torch.Tensor, scale_dtype: torch.dtype, delta2d: torch.Tensor | None = None,
-                 changed: torch.Tensor | None = None) -> torch.Tensor:
+def _store_scale(scale: torch.Tensor, scale_dtype: torch.dtype, delta2d: torch.Tensor | None = None) -> torch.Tensor:
     """``scale`` in ``scale_dtype``, or fp32 where fp16 would lose it (see the module docstring).
 
     Without ``delta2d`` any scale outside fp16's normal range falls back to fp32. With the
-    ``(rows, cols)`` delta it was computed from (and, for one tensor-wide scale, the ``changed`` row
-    mask), subnormal fp16 scales are kept when they cost < ``FP16_MAX_EXTRA_ERROR`` of the 1-bit
-    squared error: rounding ``α_r`` by ``ε_r`` adds exactly ``cols · ε_r²`` to row ``r``'s error.
+    ``(stored rows, cols)`` delta it was computed from, subnormal fp16 scales are kept when they
+    cost < ``FP16_MAX_EXTRA_ERROR`` of the 1-bit squared error: rounding ``α_r`` by ``ε_r`` adds
+    exactly ``cols · ε_r²`` to row ``r``'s error (a stored all-zero row has ``α_r = ε_r = 0``).
     """
     if scale_dtype != torch.float16:
         return scale.to(scale_dtype).contiguous()
@@ -139,9 +138,8 @@ def _store_scale(scale: torch.Tensor, scale_dtype: torch.dtype, delta2d: torch.T
     if delta2d is None or nz.max() > _FP16_MAX or bool(((half == 0) & (scale != 0)).any()):
         return scale.to(torch.float32).contiguous()
     cols = delta2d.shape[1]
-    rows_used = changed.float() if changed is not None else torch.ones(delta2d.shape[0])
-    alpha = scale.float().expand(delta2d.shape[0]) * rows_used  # per-row α (0 for unchanged rows)
-    eps = (half.float().expand(delta2d.shape[0]) - scale.float().expand(delta2d.shape[0])) * rows_used
+    alpha = scale.float().expand(delta2d.shape[0])  # per stored row
+    eps = half.float().expand(delta2d.shape[0]) - alpha
     sq = torch.linalg.vector_norm(delta2d.double(), ord=2, dim=1) ** 2
     one_bit_err = float(sq.sum() - cols * (alpha.double() ** 2).sum())
     extra = float(cols * (eps.double() ** 2).sum())
