@@ -124,7 +124,7 @@ class ParamDelta:
     def nbytes(self) -> int:
         n = 0
         if self.sign is not None:
-            n += self.sign.signs.numel() + self.sign.scale.numel() * self.sign.scale.element_size()
+            n += self.sign.nbytes()
         if self.index is not None:
             n += self.index.numel() * self.index.element_size()
         if self.dense is not None:
