@@ -61,6 +61,10 @@ def load(url: str, names: list[str], args, texts: list[str], seed: int) -> dict:
     def make(i: int, rng: random.Random):
         return "/v1/classify", {"model": rng.choice(names), "inputs": [texts[i % len(texts)]]}, {}
 
+    # the registrations just wrote up to ~2 GB into the store: flush it now, so that the kernel's
+    # background writeback does not land inside one load point and not the other
+    if hasattr(os, "sync"):
+        os.sync()
     # warm-up outside the measurement (first-request costs), bounded
     asyncio.run(open_loop(url, make, rate=args.rate, duration_s=min(3.0, args.duration), seed=seed + 1,
                           max_requests=50, timeout_s=args.timeout, drain_s=5))

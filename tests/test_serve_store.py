@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+import time
+
 import pytest
 
 from bitdelta_core.errors import ArtifactCorruptError, InvalidInputError, ModelExistsError, UnknownModelError
@@ -115,6 +117,23 @@ def test_version_changes_on_every_mutation(store):
     v3 = store.version()
     assert len({v0, v1, v2, v3}) == 4 or (v0 == v3 and len({v0, v1, v2}) == 3)
     assert v1 != v2  # a replacement is a new inode even within one mtime tick
+
+
+def test_version_skips_the_scan_while_the_directory_is_unchanged(store, monkeypatch):
+    store.put("a", b"1")
+    old = time.time() - 10  # the last change is well in the past: the mtime can be trusted
+    os.utime(store.models, (old, old))
+    scans = []
+    real = store._scan_version
+    monkeypatch.setattr(store, "_scan_version", lambda: scans.append(1) or real())
+    v1 = store.version()
+    assert store.version() == v1 and store.version() == v1 and len(scans) == 1  # one stat each after the scan
+    store.put("b", b"2")  # a change renames into models/: the directory's mtime moves
+    v2 = store.version()
+    assert v2 != v1 and len(scans) == 2
+    assert store.version() == v2 and len(scans) == 3  # just changed (racy): scanned again, same answer
+    other = type(store)(store.root)  # another replica's view sees the same signature
+    assert other.version() == v2
 
 
 def test_crash_leftovers_are_invisible_and_collected(store):
