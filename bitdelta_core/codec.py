@@ -94,18 +94,19 @@ class SignDelta:
         """Per-row scales ``(rows,)`` whatever the granularity (0 for rows not stored)."""
         idx = self.kept_rows()
         if idx is None:
-            return self.kept_scales(dtype)
+            return self.scale.to(dtype).expand(self.rows).clone()
         out = torch.zeros(self.rows, dtype=dtype, device=self.scale.device)
-        return out.index_copy_(0, idx.to(out.device), self.kept_scales(dtype))
+        return out.index_copy_(0, idx.to(out.device), self.scale.to(dtype).expand(idx.numel()))
 
     def decode(self, dtype=torch.float32) -> torch.Tensor:
         """``α ⊙ sign(Δ)`` as a dense tensor of ``shape``."""
-        kept, cols = self.kept, self.cols
-        vals = self.kept_scales(dtype).unsqueeze(1) * unpack_signs(self.signs, (kept, cols), dtype)
-        idx = self.kept_rows()
+        idx = self.kept_rows()  # the row mask is read once
+        kept = self.rows if idx is None else idx.numel()
+        signs = unpack_signs(self.signs, (kept, self.cols), dtype)
+        vals = self.scale.to(dtype).expand(kept).unsqueeze(1) * signs
         if idx is None:
             return vals.reshape(self.shape)
-        out = torch.zeros(self.rows, cols, dtype=dtype, device=vals.device)
+        out = torch.zeros(self.rows, self.cols, dtype=dtype, device=vals.device)
         return out.index_copy_(0, idx, vals).reshape(self.shape)
 
     def nbytes(self) -> int:

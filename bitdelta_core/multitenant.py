@@ -375,11 +375,8 @@ class TenantLayer(nn.Module):
         K = x.shape[-1]
         out = x.new_empty((*x.shape[:-1], width))
         for slot, rows in ctx.groups:
-            if slot == BASE_SLOT or self.name not in ctx.tenants[slot].layers:
-                w, b = self.base.weight, self.base.bias
-            else:
-                p = self._params(slot, ctx)
-                w, b = p["weight"], p.get("bias")
+            p = self._group_params(slot, ctx)
+            w, b = p["weight"], p.get("bias")
             xs, o = x[rows].reshape(-1, K), out[rows].view(-1, width)
             if b is None:
                 torch.mm(xs, w.t(), out=o)
@@ -391,10 +388,7 @@ class TenantLayer(nn.Module):
         """All groups in one (b)addbmm over zero-padded groups; None if weights differ in shape."""
         ws, bs = [], []
         for slot, _ in ctx.groups:
-            if slot == BASE_SLOT or self.name not in ctx.tenants[slot].layers:
-                p = {n: getattr(self.base, n) for n in self.param_names}
-            else:
-                p = self._params(slot, ctx)
+            p = self._group_params(slot, ctx)
             ws.append(p["weight"])
             bs.append(p.get("bias"))
         if len({tuple(w.shape) for w in ws}) != 1 or len({b is None for b in bs}) != 1:
@@ -411,6 +405,13 @@ class TenantLayer(nn.Module):
         return y.reshape(G, ctx.rmax, *x.shape[1:-1], W.shape[-1])[g_idx, r_idx]
 
     # -- parameters of one tenant for this layer -------------------------------------------
+    def _group_params(self, slot: int, ctx: BatchContext) -> dict[str, torch.Tensor]:
+        """This layer's parameters for one group: the base's for base rows and for tenants
+        that leave the layer alone, else the tenant's (:meth:`_params`)."""
+        if slot == BASE_SLOT or self.name not in ctx.tenants[slot].layers:
+            return {n: getattr(self.base, n) for n in self.param_names}
+        return self._params(slot, ctx)
+
     def _params(self, slot: int, ctx: BatchContext) -> dict[str, torch.Tensor]:
         tenant = ctx.tenants[slot]
         deltas = tenant.layers.get(self.name, {})
