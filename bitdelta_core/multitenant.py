@@ -14,6 +14,12 @@ leaf module of the base model is wrapped once (:class:`TenantLayer`); in the for
   norms, heads), the base tensor otherwise. Layer types are handled by a registry of
   functional kernels (``nn.Linear``, GPT-2 ``Conv1D``, ``nn.LayerNorm``) with a generic
   ``torch.func.functional_call`` fallback for any other module.
+* on CPU in float32, where the optional compiled kernel builds (:mod:`.cpu_kernel`), the 1-bit
+  Linear/Conv1D weights of all tenant groups of a layer run in one fused call instead: per tile
+  of output features each group's merged rows are rebuilt from the packed bits in cache and
+  multiplied right away, so no ``W_t`` is ever materialised and the base weight is read once
+  per layer, not once per tenant (same values as the merged path; faster than even cached
+  merged weights on the 2-core benchmark machine).
 
 Everything that is not a parameterised leaf (attention, activations, pooling) runs once for
 the whole batch. Heads may differ per tenant (``num_labels``, label names, problem type): the
@@ -26,7 +32,8 @@ Memory tiers
   tenant is admitted whole (all its layers) or not at all, so a cyclic sweep over layers cannot
   thrash it, and only in place of tenants that served fewer rows recently (frequency-aware
   admission, see :class:`WorkingCache`); tenants that are not admitted are merged layer by
-  layer on the fly (transient memory only) — correct, just slower.
+  layer on the fly (transient memory only) — correct, just slower. Layers that run fused never
+  use the cache (a tenant whose 1-bit weights are all fused is never admitted).
 
 Thread safety: pool mutations and forwards are serialised by one lock; validation of a new
 artifact (the slow part of a registration) runs outside it, so a registration never blocks
@@ -51,6 +58,7 @@ from torch import nn
 
 from .apply import check_base
 from .artifact import DeltaArtifact, artifact_from_bytes, load_artifact
+from . import cpu_kernel as cpu_kernel_mod
 from .codec import Granularity, SignDelta
 from .errors import (
     BaseMismatchError,
@@ -319,6 +327,11 @@ class TenantLayer(nn.Module):
         self._engine = [engine]  # list: keep the engine out of the module tree
         self.kernel = _kernel_for(base)
         self.param_names = [n for n, _ in base.named_parameters(recurse=False)]
+        # 1-bit weights of this layer run through the compiled fused kernel (never merged)
+        # (rows of the packed signs start on a byte: Linear (out, in) needs in % 8 == 0, Conv1D
+        # (in, out) out % 8 == 0)
+        self.fused = (engine._kernel is not None and self.kernel in _STACKABLE and base.weight.dim() == 2
+                      and base.weight.shape[1] % 8 == 0 and base.weight.dtype == torch.float32)
 
     def __getattr__(self, name: str):
         # code that reads e.g. ``layer.weight`` directly sees the base module's attribute
@@ -336,6 +349,10 @@ class TenantLayer(nn.Module):
         if isinstance(self.base, nn.Embedding):
             return self._embedding(args[0], ctx)
         B = ctx.batch_size
+        if self.fused and not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor):
+            y = self._grouped_linear(args[0], ctx)
+            if y is not None:
+                return y
         if len(ctx.groups) == 1:  # one tenant for the whole batch: no slicing
             slot = ctx.groups[0][0]
             return self.kernel(self.base, self._params(slot, ctx), args, kwargs)
@@ -365,23 +382,48 @@ class TenantLayer(nn.Module):
         return _scatter_rows(outs, B)
 
     def _grouped_linear(self, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor | None:
-        """Each group's ``x_g W_gᵀ + b_g`` written straight into its rows of one output (no
-        concatenation pass); None when the groups' output widths differ (heads)."""
-        width = self.base.weight.shape[0]
+        """Each group's ``x_g W_gᵀ + b_g`` (Conv1D: ``x_g W_g + b_g``) written straight into its
+        rows of one output (no concatenation pass); tenants with a 1-bit weight go through the
+        compiled fused kernel when the layer has it. None when the groups' output widths differ
+        (heads)."""
+        conv = self.kernel is not _linear  # GPT-2 Conv1D: weight (in, out)
+        width = self.base.weight.shape[1 if conv else 0]
         for slot, _ in ctx.groups:
             d = ctx.tenants[slot].layers.get(self.name, {}).get("weight") if slot != BASE_SLOT else None
-            if d is not None and d.kind == "dense" and d.dense.shape[0] != width:
+            if d is not None and d.kind == "dense" and d.dense.shape[1 if conv else 0] != width:
                 return None
         K = x.shape[-1]
+        if len(ctx.groups) == 1:  # the whole input is one group, whatever its leading dims
+            spans = [(ctx.groups[0][0], 0, x.numel() // K)]
+        elif x.dim() >= 2 and x.shape[0] == ctx.batch_size:
+            per_row = x[0].numel() // K  # tokens per batch row
+            spans = [(slot, rows.start * per_row, rows.stop * per_row) for slot, rows in ctx.groups]
+        else:
+            return None  # the caller raises the "not the batch size" error
+        x2 = x.reshape(-1, K)
         out = x.new_empty((*x.shape[:-1], width))
-        for slot, rows in ctx.groups:
+        o2 = out.view(-1, width)
+        fused = []
+        for slot, s, e in spans:
+            d = None
+            if self.fused and slot != BASE_SLOT:
+                d = ctx.tenants[slot].layers.get(self.name, {})
+            wd, bd = (d.get("weight"), d.get("bias")) if d else (None, None)
+            if (wd is not None and wd.kind == "sign" and (bd is None or bd.kind == "dense")
+                    and (wd.index is None or wd.index.numel())):  # (no stored row: the base's weight)
+                bias = self.base.bias if bd is None else bd.dense
+                fused.append((s, e, wd.sign.signs, wd.sign.scale, wd.index, bias))
+                continue
             p = self._group_params(slot, ctx)
             w, b = p["weight"], p.get("bias")
-            xs, o = x[rows].reshape(-1, K), out[rows].view(-1, width)
+            w = w if conv else w.t()
             if b is None:
-                torch.mm(xs, w.t(), out=o)
+                torch.mm(x2[s:e], w, out=o2[s:e])
             else:
-                torch.addmm(b, xs, w.t(), out=o)
+                torch.addmm(b, x2[s:e], w, out=o2[s:e])
+        if fused:
+            cpu_kernel_mod.signed_linear_groups(self._engine[0]._kernel, x2.contiguous(), o2,
+                                                self.base.weight.detach(), fused, transposed=conv)
         return out
 
     def _stacked(self, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor | None:
@@ -509,6 +551,7 @@ class MultiTenantEngine:
         tokenizer: Any = None,
         self_check: bool = True,
         stacked: bool | None = None,
+        cpu_kernel: bool | None = None,
     ):
         if dtype not in _DTYPES:
             raise InvalidInputError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
@@ -517,6 +560,15 @@ class MultiTenantEngine:
         # stacked (batched-matmul) Linear path: fewer kernel launches, but it copies every
         # group's weights per layer, which pays on GPUs and not on memory-bound CPUs
         self.stacked = self.device.type == "cuda" if stacked is None else bool(stacked)
+        # fused CPU Linear (compiled, optional): None = use it when it builds, unless
+        # BITDELTA_CPU_KERNEL=0; True = require it; False = plain PyTorch only
+        self._kernel = None
+        if cpu_kernel or (cpu_kernel is None and cpu_kernel_mod.env_enabled()):
+            if self.device.type == "cpu" and self.dtype == torch.float32:
+                self._kernel = cpu_kernel_mod.load(required=bool(cpu_kernel))
+            elif cpu_kernel:
+                raise cpu_kernel_mod.KernelUnavailableError(
+                    f"the compiled kernel runs float32 on CPU only, not {dtype} on {self.device}")
         if isinstance(base, nn.Module):
             loaded = load_model(base)
             self.architecture = type(base).__name__
@@ -771,7 +823,8 @@ class MultiTenantEngine:
                 index = s.kept_rows()
                 sign = SignDelta(s.shape, s.signs.to(self.device), scale, Granularity.ROW, s.rowmask)
                 d = ParamDelta("sign", sign=sign, index=None if index is None else index.to(self.device))
-                if not isinstance(self._module(mname), nn.Embedding):
+                layer = self.model.get_submodule(mname)
+                if not (isinstance(layer.base, nn.Embedding) or (layer.fused and pname == "weight")):
                     merged += math.prod(s.shape) * self.dtype.itemsize
             layers.setdefault(mname, {})[pname] = d
         return layers, merged
@@ -919,7 +972,7 @@ class MultiTenantEngine:
         for s, rows in sorted(order.items(), key=lambda kv: -len(kv[1])):  # hottest first
             if s == BASE_SLOT or self._by_slot.get(s) is not by_slot[s]:
                 continue  # base rows, or a tenant removed/replaced since the request resolved it
-            if self._cache.admit(s, by_slot[s].merged_bytes, pinned):
+            if by_slot[s].merged_bytes and self._cache.admit(s, by_slot[s].merged_bytes, pinned):
                 ctx.admitted.add(s)
         return ctx
 

