@@ -69,7 +69,7 @@ def test_mixed_batch_matches_per_model_reference(setup, cache_bytes, stacked, fu
         if cpu_kernel.load() is None:
             pytest.skip(f"compiled CPU kernel unavailable here: {cpu_kernel._state.get('error')}")
         real = cpu_kernel.signed_linear_groups
-        monkeypatch.setattr(cpu_kernel, "signed_linear_groups", lambda *a: calls.append(len(a[-1])) or real(*a))
+        monkeypatch.setattr(cpu_kernel, "signed_linear_groups", lambda *a, **k: calls.append(len(a[-1])) or real(*a, **k))
     eng = MultiTenantEngine(base, cache_bytes=cache_bytes, stacked=stacked, cpu_kernel=fused)
     for n, a in arts.items():
         eng.register(n, a)
