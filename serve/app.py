@@ -110,7 +110,8 @@ class ModelServer:
             torch.set_num_threads(self.cfg.torch_threads)
         t0 = time.perf_counter()
         self.engine = MultiTenantEngine(self.cfg.base, device=self.cfg.device, dtype=self.cfg.dtype,
-                                        cache_bytes=self.cfg.cache_bytes, max_length=self.cfg.max_length)
+                                        cache_bytes=self.cfg.cache_bytes, max_length=self.cfg.max_length,
+                                        cpu_kernel=None if self.cfg.cpu_kernel else False)
         self.store = ArtifactStore(self.cfg.store)
         self.replica = _replica_id()
         self._sync_lock = threading.RLock()

@@ -40,6 +40,8 @@ class ServeConfig(BaseModel):
     max_length: int | None = Field(None, ge=8, description="max tokens per input (default: the base's limit)")
     cache_bytes: int = Field(256 << 20, ge=0, description="working-weight cache budget per replica (bytes)")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads per engine replica")
+    cpu_kernel: bool = Field(True, description="use the compiled fused CPU kernel where it builds "
+                             "(float32 on CPU; plain PyTorch otherwise or when false)")
 
     # -- persistence -------------------------------------------------------------------------
     store: str = Field(".cache/store", description="artifact store directory (shared by all replicas)")

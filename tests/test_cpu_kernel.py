@@ -130,3 +130,11 @@ def test_failed_build_is_logged_not_raised(monkeypatch, caplog):
     assert "g++: command not found" in caplog.text
     with pytest.raises(cpu_kernel.KernelUnavailableError, match="command not found"):
         cpu_kernel.load(required=True)
+
+
+def test_service_setting_reads_the_same_environment_variable():
+    from serve.config import ServeConfig
+
+    assert ServeConfig.load({"base": "x"}, env={}).cpu_kernel is True
+    assert ServeConfig.load({"base": "x"}, env={"BITDELTA_CPU_KERNEL": "0"}).cpu_kernel is False
+    assert ServeConfig.load({"base": "x", "cpu_kernel": False}, env={"BITDELTA_CPU_KERNEL": "1"}).cpu_kernel is False

@@ -21,6 +21,12 @@
 #include <cstring>
 #include <vector>
 
+#if defined(_MSC_VER)
+#define BD_RESTRICT __restrict
+#else
+#define BD_RESTRICT __restrict__
+#endif
+
 namespace {
 
 struct Lut {
@@ -33,8 +39,8 @@ struct Lut {
 const Lut kLut;
 
 // dst[0:n] = base[0:n] + s * signs(bits) for n % 8 == 0
-inline void merge_row(float* __restrict__ dst, const float* __restrict__ base,
-                      const uint8_t* __restrict__ bits, float s, int64_t n) {
+inline void merge_row(float* BD_RESTRICT dst, const float* BD_RESTRICT base,
+                      const uint8_t* BD_RESTRICT bits, float s, int64_t n) {
   for (int64_t kb = 0; kb < n / 8; ++kb) {
     const float* l = kLut.v[bits[kb]];
     float* d = dst + kb * 8;
