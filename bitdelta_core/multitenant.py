@@ -32,8 +32,9 @@ Memory tiers
   tenant is admitted whole (all its layers) or not at all, so a cyclic sweep over layers cannot
   thrash it, and only in place of tenants that served fewer rows recently (frequency-aware
   admission, see :class:`WorkingCache`); tenants that are not admitted are merged layer by
-  layer on the fly (transient memory only) — correct, just slower. Layers that run fused never
-  use the cache (a tenant whose 1-bit weights are all fused is never admitted).
+  layer on the fly (transient memory only) — correct, just slower. With the fused CPU kernel
+  only tenants with a large group in the batch (``fused_max_tokens``) are admitted and run on
+  merged weights; small groups run fused and never touch the cache.
 
 Thread safety: pool mutations and forwards are serialised by one lock; validation of a new
 artifact (the slow part of a registration) runs outside it, so a registration never blocks
@@ -76,6 +77,11 @@ from .select import Codec
 logger = logging.getLogger(__name__)
 
 BASE_SLOT = -1
+# with the compiled CPU kernel, a tenant group of at least this many tokens in a batch runs on
+# merged weights (from the cache when the tenant is admitted) rather than fused: measured on the
+# 2-core benchmark machine, fused tiles tie with merged weights at 512 tokens per group and lose
+# ~8 % on MiniLM at 2,048 (one tenant for a whole 32 x 64 batch)
+FUSED_MAX_TOKENS = 1024
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -406,7 +412,7 @@ class TenantLayer(nn.Module):
         fused = []
         for slot, s, e in spans:
             d = None
-            if self.fused and slot != BASE_SLOT:
+            if self.fused and slot != BASE_SLOT and slot not in ctx.admitted:
                 d = ctx.tenants[slot].layers.get(self.name, {})
             wd, bd = (d.get("weight"), d.get("bias")) if d else (None, None)
             if (wd is not None and wd.kind == "sign" and (bd is None or bd.kind == "dense")
@@ -563,6 +569,7 @@ class MultiTenantEngine:
         # fused CPU Linear (compiled, optional): None = use it when it builds, unless
         # BITDELTA_CPU_KERNEL=0; True = require it; False = plain PyTorch only
         self._kernel = None
+        self.fused_max_tokens = FUSED_MAX_TOKENS
         if cpu_kernel or (cpu_kernel is None and cpu_kernel_mod.env_enabled()):
             if self.device.type == "cpu" and self.dtype == torch.float32:
                 self._kernel = cpu_kernel_mod.load(required=bool(cpu_kernel))
@@ -823,8 +830,7 @@ class MultiTenantEngine:
                 index = s.kept_rows()
                 sign = SignDelta(s.shape, s.signs.to(self.device), scale, Granularity.ROW, s.rowmask)
                 d = ParamDelta("sign", sign=sign, index=None if index is None else index.to(self.device))
-                layer = self.model.get_submodule(mname)
-                if not (isinstance(layer.base, nn.Embedding) or (layer.fused and pname == "weight")):
+                if not isinstance(self._module(mname), nn.Embedding):
                     merged += math.prod(s.shape) * self.dtype.itemsize
             layers.setdefault(mname, {})[pname] = d
         return layers, merged
@@ -934,7 +940,7 @@ class MultiTenantEngine:
     def _run(self, encodings: dict[str, torch.Tensor], tenants: list[Tenant | None]) -> torch.Tensor:
         B = len(tenants)
         with self._lock:
-            ctx = self._make_context(tenants, B)
+            ctx = self._make_context(tenants, B, next(iter(encodings.values())).numel() // B)
             enc = {k: v.to(self.device) for k, v in encodings.items()}
             if ctx.perm is not None:
                 enc = {k: v.index_select(0, ctx.perm) for k, v in enc.items()}
@@ -948,7 +954,7 @@ class MultiTenantEngine:
             logits = torch.empty_like(logits).index_copy_(0, ctx.perm, logits)
         return logits
 
-    def _make_context(self, tenants: list[Tenant | None], B: int) -> BatchContext:
+    def _make_context(self, tenants: list[Tenant | None], B: int, tokens_per_row: int = 1) -> BatchContext:
         slots = [BASE_SLOT if t is None else t.slot for t in tenants]
         order: dict[int, list[int]] = {}
         for i, s in enumerate(slots):
@@ -972,7 +978,10 @@ class MultiTenantEngine:
         for s, rows in sorted(order.items(), key=lambda kv: -len(kv[1])):  # hottest first
             if s == BASE_SLOT or self._by_slot.get(s) is not by_slot[s]:
                 continue  # base rows, or a tenant removed/replaced since the request resolved it
-            if by_slot[s].merged_bytes and self._cache.admit(s, by_slot[s].merged_bytes, pinned):
+            # with the fused kernel only large groups run on (cached) merged weights: one big GEMM
+            # per layer beats the kernel's tiles there, and small groups never need the cache
+            large = self._kernel is None or len(rows) * tokens_per_row >= self.fused_max_tokens
+            if large and by_slot[s].merged_bytes and self._cache.admit(s, by_slot[s].merged_bytes, pinned):
                 ctx.admitted.add(s)
         return ctx
 

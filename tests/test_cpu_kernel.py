@@ -82,18 +82,29 @@ def tiny(tmp_path_factory):
 
 def _logits(eng, arts):
     for n, a in arts.items():
-        eng.register(n, a)
+        if n not in eng:
+            eng.register(n, a)
     ids = torch.randint(4, VOCAB, (6, 9), generator=torch.Generator().manual_seed(0))
     return eng.forward({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, ["a", "b", None, "b", "a", "a"])
 
 
-def test_engine_with_and_without_kernel_agree(mod, tiny):
+def test_engine_with_and_without_kernel_agree(mod, tiny, monkeypatch):
     base, arts = tiny
     fused = MultiTenantEngine(base, cpu_kernel=True)
     plain = MultiTenantEngine(base, cpu_kernel=False)
     assert fused._kernel is not None and plain._kernel is None
     torch.testing.assert_close(_logits(fused, arts), _logits(plain, arts), atol=1e-5, rtol=0)
     assert fused.memory_report()["cache_bytes"] == 0 < plain.memory_report()["cache_bytes"]
+    # a large group ("a": 3 rows x 9 tokens) runs on cached merged weights, the small one fused
+    mixed = MultiTenantEngine(base, cpu_kernel=True)
+    mixed.fused_max_tokens = 20
+    calls = []
+    real = cpu_kernel.signed_linear_groups
+    monkeypatch.setattr(cpu_kernel, "signed_linear_groups", lambda *a, **k: calls.append(len(a[-1])) or real(*a, **k))
+    torch.testing.assert_close(_logits(mixed, arts), _logits(plain, arts), atol=1e-5, rtol=0)
+    rep = mixed.memory_report()
+    assert rep["tenants"]["a"]["cache"] > 0 and rep["tenants"]["b"]["cache"] == 0
+    assert calls and max(calls) == 1  # only "b" went through the kernel
 
 
 def test_engine_falls_back_when_the_kernel_is_unavailable(tiny, monkeypatch):
