@@ -98,3 +98,30 @@ def test_scale_quick(tmp_path, monkeypatch):
     s = scale_1000.main(["--quick"])
     _files(tmp_path, "scale_1000_quick")
     assert s["all_restored"] and s["rss_under_8gb"]
+
+
+def test_engine_throughput_quick(tmp_path, monkeypatch, capsys):
+    from benchmarks import engine_throughput
+
+    monkeypatch.setenv("BENCH_OUT", str(tmp_path))
+    s = engine_throughput.main(["--quick"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(json.dumps(s))
+    for ext in ("json", "md"):
+        assert (tmp_path / f"engine_throughput_quick.{ext}").stat().st_size > 0
+    assert [(r["tenants"], r["law"]) for r in s["rows"]] == [(1, "uniform"), (4, "uniform"), (4, "zipf")]
+    for r in s["rows"]:
+        assert all(r[f"{k}_s"] > 0 for k in ("a", "b", "c", "cg", "d")), r
+        assert (r["d0_s"] is not None) == r["cpu_kernel"]  # (d0) = the engine without the kernel
+        assert r["pool_bytes_per_tenant_over_artifact"] <= 1.25
+
+
+def test_fused_kernel_quick(tmp_path, monkeypatch):
+    from bitdelta_core import cpu_kernel
+    from benchmarks import fused_kernel
+
+    if cpu_kernel.load() is None:
+        pytest.skip("compiled CPU kernel unavailable here")
+    monkeypatch.setenv("BENCH_OUT", str(tmp_path))
+    s = fused_kernel.main(["--quick"])
+    (r,) = s["rows"]
+    assert r["max_abs_diff"] < 1e-3 and min(r[f"{k}_ms"] for k in ("fused", "merge", "cached", "one_gemm")) > 0
