@@ -609,8 +609,9 @@ class MultiTenantEngine:
         self.base_bytes = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
         if self_check:
             self._self_check()
-        logger.info("engine ready: %s (%s) on %s/%s, %.1f MB base", self.architecture, self.base_name,
-                    self.device, dtype, self.base_bytes / 1e6)
+        logger.info("engine ready: %s (%s) on %s/%s, %.1f MB base, %s", self.architecture, self.base_name,
+                    self.device, dtype, self.base_bytes / 1e6,
+                    "compiled CPU kernel" if self._kernel is not None else "plain PyTorch layers")
 
     # -- construction helpers ----------------------------------------------------------------
     @staticmethod
@@ -1014,6 +1015,7 @@ class MultiTenantEngine:
                 "cache_misses": self._cache.misses,
                 "cache_evictions": self._cache.evictions,
                 "cache_rejections": self._cache.rejections,
+                "cpu_kernel": self._kernel is not None,
                 "tenants": tenants,
             }
 

@@ -145,6 +145,7 @@ class ModelServer:
         self.g_cache = r.gauge("cache_bytes", "merged working-weight cache bytes in use")
         self.g_cache_budget = r.gauge("cache_budget_bytes", "working-weight cache budget")
         self.g_base = r.gauge("base_bytes", "bytes of the shared base model")
+        self.g_kernel = r.gauge("cpu_kernel", "1 when the compiled fused CPU kernel runs the 1-bit layers")
         self.g_rss = r.gauge("replica_rss_bytes", "resident set size of the replica process")
         self.g_store = r.gauge("store_bytes", "bytes of artifacts in the store")
 
@@ -340,6 +341,7 @@ class ModelServer:
         self.g_cache.set(rep["cache_bytes"])
         self.g_cache_budget.set(rep["cache_budget"])
         self.g_base.set(rep["base_bytes"])
+        self.g_kernel.set(1 if rep["cpu_kernel"] else 0)
         self.g_rss.set(_rss_bytes())
         with contextlib.suppress(OSError):
             self.g_store.set(self.store.total_bytes())

@@ -173,6 +173,10 @@ def test_metrics_prometheus_text(registered):
     assert _metric(c, "bitdelta_pool_bytes") > 0 and _metric(c, "bitdelta_base_bytes") > 0
     assert _metric(c, "bitdelta_batch_size_count") >= 1 and _metric(c, "bitdelta_replica_rss_bytes") > 0
     assert "bitdelta_cache_bytes" in text and "# TYPE bitdelta_batch_size histogram" in text
+    # the replicas run the compiled CPU kernel wherever it builds (it does on the CI machines)
+    from bitdelta_core import cpu_kernel
+
+    assert (_metric(c, "bitdelta_cpu_kernel") > 0) == (cpu_kernel.load() is not None)
 
 
 def _metric(c, name, **labels) -> float:
