@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import sys
 import threading
 from pathlib import Path
@@ -86,6 +87,7 @@ def _build() -> tuple[ModuleType | None, str]:
     try:
         from torch.utils import cpp_extension
 
+        _ninja_on_path()
         suffix, cflags, ldflags = _flags()
         name = f"bitdelta_signed_linear_{suffix}"
         logger.info("loading the CPU kernel %s (built once on first use, about 30 s)", name)
@@ -116,6 +118,19 @@ def tile_size(n_out: int, n_in: int, threads: int) -> int:
         if tile <= 8 or tile * n_in * 4 <= TILE_BYTES:
             return max(8, tile)
         k += 1
+
+
+def _ninja_on_path() -> None:
+    """torch's builder runs ``ninja`` from PATH; a virtual environment that was not activated
+    has the pip ``ninja`` (a dependency of this project) only in its own bin folder."""
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except (ImportError, AttributeError):
+        pass  # the build then fails with torch's own "ninja is required" message
 
 
 def signed_linear_groups(mod: ModuleType, x: torch.Tensor, out: torch.Tensor, weight: torch.Tensor,

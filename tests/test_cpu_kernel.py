@@ -149,3 +149,13 @@ def test_service_setting_reads_the_same_environment_variable():
     assert ServeConfig.load({"base": "x"}, env={}).cpu_kernel is True
     assert ServeConfig.load({"base": "x"}, env={"BITDELTA_CPU_KERNEL": "0"}).cpu_kernel is False
     assert ServeConfig.load({"base": "x", "cpu_kernel": False}, env={"BITDELTA_CPU_KERNEL": "1"}).cpu_kernel is False
+
+
+def test_pip_ninja_is_found_without_an_activated_venv(monkeypatch):
+    ninja = pytest.importorskip("ninja")
+    import shutil
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert shutil.which("ninja") is None
+    cpu_kernel._ninja_on_path()
+    assert shutil.which("ninja") is not None and ninja.BIN_DIR in shutil.which("ninja")
