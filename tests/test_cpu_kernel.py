@@ -159,3 +159,35 @@ def test_pip_ninja_is_found_without_an_activated_venv(monkeypatch):
     assert shutil.which("ninja") is None
     cpu_kernel._ninja_on_path()
     assert shutil.which("ninja") is not None and ninja.BIN_DIR in shutil.which("ninja")
+
+
+def test_kernel_releases_the_gil(mod):
+    """Another Python thread keeps running during one long fused call (as with torch ops): with
+    the GIL held it could not run at all until the call returned."""
+    import threading
+    import time
+
+    N = K = 1024
+    g = torch.Generator().manual_seed(1)
+    W, x = torch.randn(N, K, generator=g), torch.randn(8192, K, generator=g)
+    code, scale, _ = _tenant(N, K, g)
+    out = torch.empty(8192, N)
+    ticks, stop = [], threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            ticks.append(time.perf_counter())
+            time.sleep(0.001)
+
+    t = threading.Thread(target=spin)
+    t.start()
+    time.sleep(0.01)
+    try:
+        t0 = time.perf_counter()
+        cpu_kernel.signed_linear_groups(mod, x, out, W, [(0, 8192, code.signs, scale, None, None)])
+        t1 = time.perf_counter()
+    finally:
+        stop.set()
+        t.join()
+    during = [s for s in ticks if t0 < s < t1]
+    assert t1 - t0 > 0.03 and len(during) >= 5, (t1 - t0, len(during))

@@ -144,7 +144,9 @@ void signed_linear_groups(const torch::Tensor& x, torch::Tensor& out, const torc
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("signed_linear_groups", &signed_linear_groups,
+  // the GIL is released for the whole call (no Python object is touched), so a server's event
+  // loop and other Python threads keep running during a forward, as they do during torch ops
+  m.def("signed_linear_groups", &signed_linear_groups, py::call_guard<py::gil_scoped_release>(),
         "out[rows_g] = x[rows_g] @ (W + scale_g * sign_g)^T + b_g for every group g (in place into out); "
         "transposed: W is (in, out) and out[rows_g] = x[rows_g] @ (W + scale_g * sign_g) + b_g");
 }
