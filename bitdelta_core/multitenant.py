@@ -865,39 +865,49 @@ class MultiTenantEngine:
 
     # -- forward -------------------------------------------------------------------------------
     def count_tokens(self, inputs: Sequence) -> list[int]:
+        """Tokens of each input before any truncation."""
         self._need_tokenizer()
-        return [len(self._encode_one(x, truncate=False)) for x in _check_inputs(inputs)]
+        return [len(e["input_ids"]) for e in self._encode_many(_check_inputs(inputs), truncation=False)]
 
     def _need_tokenizer(self):
         if self.tokenizer is None:
             raise InvalidInputError("this engine has no tokenizer; use forward() with token ids")
 
-    def _encode_one(self, x, truncate: bool):
-        if isinstance(x, str):
-            return self.tokenizer(x, truncation=truncate, max_length=self.max_length if truncate else None)["input_ids"]
-        return self.tokenizer(x[0], x[1], truncation=truncate,
-                              max_length=self.max_length if truncate else None)["input_ids"]
-
-    def tokenize(self, inputs: Sequence, *, truncate: bool = True) -> dict[str, torch.Tensor]:
+    def encode(self, inputs: Sequence, *, truncate: bool = True) -> list[dict[str, list[int]]]:
+        """Each input's tokenizer fields (``input_ids``, ``attention_mask``, …) as lists, cut to
+        ``max_length`` — or, with ``truncate=False``, :class:`InputTooLongError` for the first
+        input that is longer. Inputs are tokenized once (those over the limit a second time, with
+        truncation). :meth:`classify_encoded` runs the result; the service counts tokens on it
+        for batching and so never tokenizes a request twice."""
         self._need_tokenizer()
         inputs = _check_inputs(inputs)
-        if not truncate:
-            for i, x in enumerate(inputs):
-                n = len(self._encode_one(x, truncate=False))
-                if n > self.max_length:
-                    raise InputTooLongError(
-                        f"input {i} has {n} tokens, more than the maximum {self.max_length} (truncate=false)"
-                    )
-        firsts = [x if isinstance(x, str) else x[0] for x in inputs]
-        seconds = None if all(isinstance(x, str) for x in inputs) else [
-            None if isinstance(x, str) else x[1] for x in inputs]
-        if seconds is not None and any(s is None for s in seconds):
-            # mixed single texts and pairs: tokenize separately, pad together
-            encs = [self.tokenizer(*((x,) if isinstance(x, str) else tuple(x)), truncation=True,
-                                   max_length=self.max_length) for x in inputs]
-            return {k: v.to(self.device) for k, v in self.tokenizer.pad(encs, return_tensors="pt").items()}
-        enc = self.tokenizer(firsts, seconds, truncation=True, max_length=self.max_length, padding=True,
-                             return_tensors="pt")
+        out = self._encode_many(inputs, truncation=False)
+        long = [i for i, e in enumerate(out) if len(e["input_ids"]) > self.max_length]
+        if long and not truncate:
+            i = long[0]
+            raise InputTooLongError(f"input {i} has {len(out[i]['input_ids'])} tokens, more than the "
+                                    f"maximum {self.max_length} (truncate=false)")
+        if long:
+            for i, e in zip(long, self._encode_many([inputs[i] for i in long], truncation=True)):
+                out[i] = e
+        return out
+
+    def _encode_many(self, inputs: list, truncation: bool) -> list[dict[str, list[int]]]:
+        kw = {"truncation": True, "max_length": self.max_length} if truncation else {}
+        if all(isinstance(x, str) for x in inputs):
+            enc = self.tokenizer(list(inputs), **kw)
+        elif all(not isinstance(x, str) for x in inputs):
+            enc = self.tokenizer([x[0] for x in inputs], [x[1] for x in inputs], **kw)
+        else:  # single texts and pairs mixed: one call each
+            return [dict(self.tokenizer(*((x,) if isinstance(x, str) else x), **kw)) for x in inputs]
+        return [{k: v[i] for k, v in enc.items()} for i in range(len(inputs))]
+
+    def tokenize(self, inputs: Sequence, *, truncate: bool = True) -> dict[str, torch.Tensor]:
+        """Padded tensors of :meth:`encode`, on the engine's device."""
+        return self._pad(self.encode(inputs, truncate=truncate))
+
+    def _pad(self, encodings: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer.pad(list(encodings), return_tensors="pt")
         return {k: v.to(self.device) for k, v in enc.items()}
 
     def forward(self, encodings: dict[str, torch.Tensor], models: Sequence[str | None] | str | None) -> torch.Tensor:
@@ -996,7 +1006,27 @@ class MultiTenantEngine:
         if len(models) != len(inputs):
             raise InvalidInputError(f"{len(models)} model names for {len(inputs)} inputs")
         tenants = self._resolve(models)  # fails before tokenizing
-        enc = self.tokenize(inputs, truncate=truncate)
+        return self._classify(self.tokenize(inputs, truncate=truncate), tenants, return_all_scores)
+
+    def classify_encoded(self, encodings: Sequence[dict[str, list[int]]], models: Sequence[str] | str, *,
+                         return_all_scores: bool = False) -> list[Prediction]:
+        """:meth:`classify` for inputs already run through :meth:`encode`."""
+        encodings = list(encodings)
+        if not encodings:
+            raise InvalidInputError("the batch is empty")
+        if isinstance(models, str):
+            models = [models] * len(encodings)
+        models = list(models)
+        if len(models) != len(encodings):
+            raise InvalidInputError(f"{len(models)} model names for {len(encodings)} inputs")
+        if any(not isinstance(e, dict) or not e.get("input_ids") for e in encodings):
+            raise InvalidInputError("every encoding needs non-empty input_ids (use encode())")
+        tenants = self._resolve(models)
+        self._need_tokenizer()
+        return self._classify(self._pad(encodings), tenants, return_all_scores)
+
+    def _classify(self, enc: dict[str, torch.Tensor], tenants: list[Tenant | None],
+                  return_all_scores: bool) -> list[Prediction]:
         logits = self._run(enc, tenants).float().cpu()
         return [_postprocess(logits[i, : t.num_labels], t, return_all_scores) for i, t in enumerate(tenants)]
 

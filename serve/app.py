@@ -43,7 +43,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from bitdelta_core.errors import BitDeltaError, InputTooLongError, InvalidInputError, UnknownModelError
+from bitdelta_core.errors import BitDeltaError, InvalidInputError, UnknownModelError
 
 from .batching import BatchItem, BatchStats, MicroBatcher
 from .config import ServeConfig
@@ -219,21 +219,13 @@ class ModelServer:
             await self._maybe_sync()
             if model not in self.engine:
                 raise UnknownModelError(f"model {model!r} is not registered")
-            tokens = await asyncio.to_thread(self._token_counts, inputs, truncate)
-            preds = await self.batcher.submit(BatchItem(model, list(inputs), tokens, return_all_scores))
+            # tokenized once, here: the batcher budgets on the token counts, the batch runs the ids
+            encs = await asyncio.to_thread(self.engine.encode, inputs, truncate=truncate)
+            tokens = [len(e["input_ids"]) for e in encs]
+            preds = await self.batcher.submit(BatchItem(model, list(inputs), tokens, return_all_scores, encodings=encs))
             return {"model": model, "predictions": preds, "replica": self.replica}
         except (BitDeltaError, StoreError, OSError) as e:
             return self._error(e)
-
-    def _token_counts(self, inputs: list, truncate: bool) -> list[int]:
-        counts = self.engine.count_tokens(inputs)
-        limit = self.engine.max_length
-        if not truncate:
-            for i, n in enumerate(counts):
-                if n > limit:
-                    raise InputTooLongError(
-                        f"input {i} has {n} tokens, more than the model's maximum of {limit} (truncate=false)")
-        return [min(n, limit) for n in counts]
 
     def _run_batch(self, items: list[BatchItem]) -> list[Any]:
         try:
@@ -250,10 +242,14 @@ class ModelServer:
         return out
 
     def _forward(self, items: list[BatchItem]) -> list[list[dict]]:
-        inputs = [x if isinstance(x, str) else (x[0], x[1]) for it in items for x in it.inputs]
         models = [it.model for it in items for _ in it.inputs]
         want_all = any(it.return_all_scores for it in items)
-        preds = self.engine.classify(inputs, models, truncate=True, return_all_scores=want_all)
+        if all(it.encodings is not None for it in items):
+            encs = [e for it in items for e in it.encodings]
+            preds = self.engine.classify_encoded(encs, models, return_all_scores=want_all)
+        else:
+            inputs = [x if isinstance(x, str) else (x[0], x[1]) for it in items for x in it.inputs]
+            preds = self.engine.classify(inputs, models, truncate=True, return_all_scores=want_all)
         out, i = [], 0
         for it in items:
             chunk = preds[i : i + it.rows]

@@ -32,6 +32,7 @@ class BatchItem:
     return_all_scores: bool = False
     future: asyncio.Future | None = None
     enqueued: float = field(default_factory=time.perf_counter)
+    encodings: list | None = None  # the inputs' token ids (MultiTenantEngine.encode), when known
 
     @property
     def rows(self) -> int:

@@ -151,6 +151,63 @@ def test_classify_texts_and_pairs(bert):
     assert len(eng.classify(["w1 " * 100], "sent")) == 1  # truncated by default
 
 
+class _CountingTokenizer:
+    def __init__(self, tok):
+        self.tok, self.calls = tok, 0
+
+    def __call__(self, *a, **k):
+        self.calls += 1
+        return self.tok(*a, **k)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+@pytest.mark.parametrize("texts", [["w1 w2 w3", "w7 w8 w9 w10 w11"], [["w4 w5", "w6"], ["w1", "w2 w3"]],
+                                   ["w1 w2 w3", ["w4 w5", "w6"], "w7"]], ids=["single", "pairs", "mixed"])
+def test_encode_once_then_classify_encoded(bert, texts):
+    base, art, _ = bert
+    eng = MultiTenantEngine(base)
+    eng.register("sent", art)
+    want = eng.classify(texts, "sent", return_all_scores=True)
+    eng.tokenizer = counting = _CountingTokenizer(eng.tokenizer)
+    encs = eng.encode(texts)
+    # one tokenizer call for the whole list (per input only when single texts and pairs mix)
+    assert counting.calls == (len(texts) if texts[-1] == "w7" else 1)
+    for x, e in zip(texts, encs):
+        assert e["input_ids"] == counting.tok(*((x,) if isinstance(x, str) else tuple(x)))["input_ids"]
+    got = eng.classify_encoded(encs, "sent", return_all_scores=True)
+    assert [p.label for p in got] == [p.label for p in want]
+    for g, w in zip(got, want):
+        assert g.score == pytest.approx(w.score, abs=1e-6) and g.scores == pytest.approx(w.scores, abs=1e-6)
+
+
+def test_encode_truncates_or_refuses_long_inputs(bert):
+    base, _, _ = bert
+    eng = MultiTenantEngine(base, max_length=16)
+    short, long = "w1 w2", "w1 " * 40
+    with pytest.raises(InputTooLongError, match="input 1 has 42 tokens, more than the maximum 16"):
+        eng.encode([short, long], truncate=False)
+    encs = eng.encode([short, long, [long, long]])
+    assert [len(e["input_ids"]) for e in encs] == [4, 16, 16]
+    assert eng.count_tokens([short, long]) == [4, 42]  # before truncation
+
+
+def test_classify_encoded_bad_input(bert):
+    base, art, _ = bert
+    eng = MultiTenantEngine(base)
+    eng.register("sent", art)
+    enc = eng.encode(["w1"])
+    with pytest.raises(InvalidInputError, match="empty"):
+        eng.classify_encoded([], "sent")
+    with pytest.raises(InvalidInputError, match="2 model names for 1 inputs"):
+        eng.classify_encoded(enc, ["sent", "sent"])
+    with pytest.raises(InvalidInputError, match="input_ids"):
+        eng.classify_encoded([{"attention_mask": [1]}], "sent")
+    with pytest.raises(UnknownModelError, match="nope"):
+        eng.classify_encoded(enc, "nope")
+
+
 def test_bad_input_keeps_pool_intact(bert):
     base, art, other_art = bert
     eng = MultiTenantEngine(base)
