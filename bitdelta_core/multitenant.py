@@ -337,7 +337,8 @@ class TenantLayer(nn.Module):
         # (rows of the packed signs start on a byte: Linear (out, in) needs in % 8 == 0, Conv1D
         # (in, out) out % 8 == 0)
         self.fused = (engine._kernel is not None and self.kernel in _STACKABLE and base.weight.dim() == 2
-                      and base.weight.shape[1] % 8 == 0 and base.weight.dtype == torch.float32)
+                      and base.weight.shape[1] % 8 == 0 and base.weight.dtype == torch.float32
+                      and base.weight.is_contiguous())
 
     def __getattr__(self, name: str):
         # code that reads e.g. ``layer.weight`` directly sees the base module's attribute
