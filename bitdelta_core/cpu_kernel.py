@@ -144,14 +144,14 @@ def signed_linear_groups(mod: ModuleType, x: torch.Tensor, out: torch.Tensor, we
     and the bias (``None`` = none). ``x`` and ``weight`` contiguous float32, ``out`` float32
     with contiguous rows; ``weight.shape[1] % 8 == 0``.
     """
-    empty = x.new_empty(0)
+    empty, no_index = x.new_empty(0), torch.empty(0, dtype=torch.long)
     N = weight.shape[1 if transposed else 0]
     tile = tile_size(N, weight.numel() // N, torch.get_num_threads())
     mod.signed_linear_groups(
         x, out, weight,
         [g[0] for g in groups], [g[1] for g in groups],
         [g[2].contiguous() for g in groups], [g[3].contiguous() for g in groups],
-        [empty.long() if g[4] is None else g[4] for g in groups],
+        [no_index if g[4] is None else g[4] for g in groups],
         [empty if g[5] is None else g[5] for g in groups],
         tile, transposed,
     )

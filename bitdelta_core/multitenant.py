@@ -927,12 +927,7 @@ class MultiTenantEngine:
                 raise InvalidInputError(
                     f"input {k!r} has shape {tuple(getattr(v, 'shape', ()))}, expected {tuple(first.shape)}"
                 )
-        if models is None or isinstance(models, str):
-            models = [models] * B
-        models = list(models)
-        if len(models) != B:
-            raise InvalidInputError(f"{len(models)} model names for a batch of {B} rows")
-        return self._run(encodings, self._resolve(models))
+        return self._run(encodings, self._resolve(_row_models(models, B, "a batch of")))
 
     def _resolve(self, models: list[str | None]) -> list[Tenant | None]:
         """Name -> tenant, once per request: a request that resolved a tenant finishes with
@@ -1001,12 +996,7 @@ class MultiTenantEngine:
                  return_all_scores: bool = False) -> list[Prediction]:
         """Classify ``inputs`` (texts or text pairs); ``models`` names each row's fine-tune."""
         inputs = _check_inputs(inputs)
-        if isinstance(models, str):
-            models = [models] * len(inputs)
-        models = list(models)
-        if len(models) != len(inputs):
-            raise InvalidInputError(f"{len(models)} model names for {len(inputs)} inputs")
-        tenants = self._resolve(models)  # fails before tokenizing
+        tenants = self._resolve(_row_models(models, len(inputs)))  # fails before tokenizing
         return self._classify(self.tokenize(inputs, truncate=truncate), tenants, return_all_scores)
 
     def classify_encoded(self, encodings: Sequence[dict[str, list[int]]], models: Sequence[str] | str, *,
@@ -1015,11 +1005,7 @@ class MultiTenantEngine:
         encodings = list(encodings)
         if not encodings:
             raise InvalidInputError("the batch is empty")
-        if isinstance(models, str):
-            models = [models] * len(encodings)
-        models = list(models)
-        if len(models) != len(encodings):
-            raise InvalidInputError(f"{len(models)} model names for {len(encodings)} inputs")
+        models = _row_models(models, len(encodings))
         if any(not isinstance(e, dict) or not e.get("input_ids") for e in encodings):
             raise InvalidInputError("every encoding needs non-empty input_ids (use encode())")
         tenants = self._resolve(models)
@@ -1053,6 +1039,17 @@ class MultiTenantEngine:
 
 def _logits(out) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out[0]
+
+
+def _row_models(models, n: int, what: str = "") -> list:
+    """One model name per row: a single name (or ``None``) for all ``n`` rows, or a list of ``n``."""
+    if models is None or isinstance(models, str):
+        return [models] * n
+    models = list(models)
+    if len(models) != n:
+        raise InvalidInputError(f"{len(models)} model names for {what + ' ' if what else ''}{n} "
+                                f"{'rows' if what else 'inputs'}")
+    return models
 
 
 def _check_inputs(inputs) -> list:

@@ -244,12 +244,8 @@ class ModelServer:
     def _forward(self, items: list[BatchItem]) -> list[list[dict]]:
         models = [it.model for it in items for _ in it.inputs]
         want_all = any(it.return_all_scores for it in items)
-        if all(it.encodings is not None for it in items):
-            encs = [e for it in items for e in it.encodings]
-            preds = self.engine.classify_encoded(encs, models, return_all_scores=want_all)
-        else:
-            inputs = [x if isinstance(x, str) else (x[0], x[1]) for it in items for x in it.inputs]
-            preds = self.engine.classify(inputs, models, truncate=True, return_all_scores=want_all)
+        encs = [e for it in items for e in it.encodings]  # classify() encodes every request once
+        preds = self.engine.classify_encoded(encs, models, return_all_scores=want_all)
         out, i = [], 0
         for it in items:
             chunk = preds[i : i + it.rows]

@@ -37,6 +37,18 @@ import re
 import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from bitdelta_core.errors import (
+    ArtifactCorruptError,
+    InvalidInputError,
+    ModelExistsError,
+    UnknownModelError,
+)
+from bitdelta_core.naming import NAME_PATTERN
+
+logger = logging.getLogger(__name__)
 
 try:  # POSIX
     import fcntl
@@ -63,18 +75,6 @@ except ImportError:  # Windows: lock the first byte of the lock file (blocking, 
         f.seek(0)
         msvcrt.locking(f.fileno(), msvcrt.LK_UNLCK, 1)
 
-from pathlib import Path
-from typing import Any, Iterator
-
-from bitdelta_core.errors import (
-    ArtifactCorruptError,
-    InvalidInputError,
-    ModelExistsError,
-    UnknownModelError,
-)
-from bitdelta_core.naming import NAME_PATTERN
-
-logger = logging.getLogger(__name__)
 
 STORE_FORMAT = 1
 _SHA_PATTERN = re.compile(r"[0-9a-f]{64}")
