@@ -60,15 +60,21 @@ def _check(r, expected):
         assert g["label"] == w["label"] and math.isclose(g["score"], w["score"], abs_tol=1e-4)
 
 
-def _on_every_replica(c, name, check, replicas=2, max_requests=60):
-    """Send requests until ``replicas`` distinct replicas answered; ``check`` every answer."""
+def _on_every_replica(c, name, check, replicas=2, max_requests=60, concurrency=4):
+    """Send requests until ``replicas`` distinct replicas answered; ``check`` every answer.
+
+    Requests go out ``concurrency`` at a time: Serve's router balances on queue lengths, and
+    strictly one-at-a-time requests (every queue empty) may all land on the same replica."""
+    from concurrent.futures import ThreadPoolExecutor
+
     seen = set()
-    for _ in range(max_requests):
-        r = _classify(c, name)
-        check(r)
-        seen.add(r.headers.get("x-bitdelta-replica") or r.json().get("replica"))
-        if len(seen - {None}) >= replicas:
-            return seen
+    with ThreadPoolExecutor(concurrency) as pool:
+        for _ in range(max_requests // concurrency):
+            for r in pool.map(lambda _: _classify(c, name), range(concurrency)):
+                check(r)
+                seen.add(r.headers.get("x-bitdelta-replica") or r.json().get("replica"))
+            if len(seen - {None}) >= replicas:
+                return seen
     raise AssertionError(f"only replicas {seen} answered in {max_requests} requests")
 
 
