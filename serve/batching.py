@@ -1,16 +1,23 @@
-"""Dynamic batching of classification requests across fine-tunes.
+"""Continuous batching of classification requests across fine-tunes.
 
-Requests (each: one fine-tune name, a few inputs) wait in a queue; a single worker task takes the
-first one, then keeps adding requests until one of the limits would be exceeded:
+Requests (each: one fine-tune name, a few inputs) wait in a queue. One worker task runs batches
+back to back: the moment the engine is free it takes every request queued so far (oldest first)
+and runs them as one batch, within the limits
 
 * ``max_batch_size`` rows (inputs) in the forward,
-* ``max_batch_tokens``: rows x longest row, i.e. the padded tokens the forward really computes,
-* ``max_wait_s`` after the first request was taken.
+* ``max_batch_tokens``: rows x longest row, i.e. the padded tokens the forward really computes.
 
-A request that alone exceeds a limit runs alone (it was already admitted by the request limits).
-The request that does not fit is carried over as the first of the next batch, so order is kept.
-The batch runs in a worker thread (the event loop keeps accepting requests meanwhile) through
-``run_batch(items) -> list[result | BaseException]``; exceptions are delivered per request.
+Nothing waits for company: a request that arrives at an idle engine runs at once, and requests
+that arrive while a batch runs form the next one (so the batch size follows the load). An
+optional ``max_wait_s`` holds a batch open for more requests when it is not full; it only pays
+when requests arrive in bursts shorter than one forward.
+
+Tokenization is batched too: requests queue with their raw inputs, and the worker tokenizes
+every new request of a round in one call (``encode``), in the same worker thread as the forward,
+so the event loop never tokenizes and a request is tokenized once. A request that alone exceeds
+a limit runs alone (the request limits admitted it). Requests that do not fit are carried over, in
+order, to the next round. The batch runs through ``run_batch(items) -> list[result | BaseException]``;
+exceptions, also those of ``encode``, are delivered per request.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -28,11 +36,13 @@ logger = logging.getLogger(__name__)
 class BatchItem:
     model: str
     inputs: list
-    tokens: list[int]  # token count per input (after truncation)
+    tokens: list[int] | None = None  # token count per input (after truncation), once encoded
     return_all_scores: bool = False
+    truncate: bool = True
     future: asyncio.Future | None = None
     enqueued: float = field(default_factory=time.perf_counter)
-    encodings: list | None = None  # the inputs' token ids (MultiTenantEngine.encode), when known
+    encodings: list | None = None  # the inputs' token ids (MultiTenantEngine.encode), once encoded
+    error: BaseException | None = None  # set by ``encode`` when this request cannot be tokenized
 
     @property
     def rows(self) -> int:
@@ -50,26 +60,37 @@ class BatchStats:
     models: int
     padded_tokens: int
     wait_s: float  # queueing time of the oldest request
-    run_s: float
+    run_s: float  # tokenization of the round's new requests + the forward
+
+
+Encoder = Callable[[list[BatchItem]], None]
 
 
 class MicroBatcher:
+    """``submit(item)`` and await the result; see the module docstring for the policy.
+
+    ``encode(items)`` (optional) fills ``tokens``/``encodings`` of items that have none, or sets
+    ``item.error``; it runs in the worker thread right before the forward. Items submitted with
+    ``tokens`` already set skip it.
+    """
+
     def __init__(self, run_batch: Callable[[list[BatchItem]], Sequence[Any]], *, max_batch_size: int,
-                 max_batch_tokens: int, max_wait_s: float,
+                 max_batch_tokens: int, max_wait_s: float = 0.0, encode: Encoder | None = None,
                  on_batch: Callable[[BatchStats], None] | None = None):
         self.run_batch = run_batch
+        self.encode = encode
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.max_wait_s = max_wait_s
         self.on_batch = on_batch
         self._queue: asyncio.Queue[BatchItem] | None = None
-        self._carry: BatchItem | None = None
+        self._carry: deque[BatchItem] = deque()
         self._task: asyncio.Task | None = None
 
     def _ensure_started(self) -> None:
         if self._task is None or self._task.done():
             self._queue = asyncio.Queue()
-            self._carry = None
+            self._carry = deque()
             self._task = asyncio.get_running_loop().create_task(self._loop(), name="bitdelta-batcher")
 
     async def submit(self, item: BatchItem) -> Any:
@@ -79,66 +100,91 @@ class MicroBatcher:
         self._queue.put_nowait(item)
         return await item.future
 
-    def _fits(self, rows: int, longest: int, item: BatchItem) -> bool:
-        r = rows + item.rows
-        return r <= self.max_batch_size and r * max(longest, item.longest) <= self.max_batch_tokens
-
-    async def _collect(self) -> list[BatchItem]:
-        first = self._carry if self._carry is not None else await self._queue.get()
-        self._carry = None
-        batch = [first]
-        rows, longest = first.rows, first.longest
-        deadline = time.perf_counter() + self.max_wait_s
-        while rows < self.max_batch_size:
+    # -- one round: take what is queued, tokenize the new requests, run what fits ----------------
+    async def _take(self) -> list[BatchItem]:
+        """The carried-over requests plus everything queued now (at least one request)."""
+        if not self._carry:
+            self._carry.append(await self._queue.get())
+            if self.max_wait_s > 0:
+                await self._hold_open()
+        while True:
             try:
-                item = self._queue.get_nowait()
+                self._carry.append(self._queue.get_nowait())
             except asyncio.QueueEmpty:
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0:
-                    break
-                try:
-                    item = await asyncio.wait_for(self._queue.get(), remaining)
-                except (asyncio.TimeoutError, TimeoutError):
-                    break
-            if not self._fits(rows, longest, item):
-                self._carry = item
                 break
-            batch.append(item)
+        pending = [it for it in self._carry if not it.future.cancelled()]
+        self._carry.clear()
+        return pending
+
+    async def _hold_open(self) -> None:
+        deadline = time.perf_counter() + self.max_wait_s
+        rows = sum(it.rows for it in self._carry)
+        while rows < self.max_batch_size:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                return
+            try:
+                item = await asyncio.wait_for(self._queue.get(), remaining)
+            except (asyncio.TimeoutError, TimeoutError):
+                return
+            self._carry.append(item)
             rows += item.rows
-            longest = max(longest, item.longest)
-        return batch
+
+    def _split(self, pending: list[BatchItem]) -> tuple[list[BatchItem], list[BatchItem]]:
+        """(the batch, the rest): oldest first, stopping at the first request that does not fit."""
+        batch: list[BatchItem] = []
+        rows = longest = 0
+        for i, it in enumerate(pending):
+            r, lg = rows + it.rows, max(longest, it.longest)
+            if batch and (r > self.max_batch_size or r * lg > self.max_batch_tokens):
+                return batch, pending[i:]
+            batch.append(it)
+            rows, longest = r, lg
+        return batch, []
+
+    def _round(self, pending: list[BatchItem]) -> tuple[list[BatchItem], list[Any], list[BatchItem]]:
+        """Worker thread: encode, choose the batch, run it -> (batch, results, carried over)."""
+        new = [it for it in pending if it.tokens is None and it.error is None]
+        if new and self.encode is not None:
+            self.encode(new)
+        failed = [it for it in pending if it.error is not None]
+        ok = [it for it in pending if it.error is None]
+        batch, rest = self._split(ok)
+        results = list(self.run_batch(batch)) if batch else []
+        return failed + batch, [it.error for it in failed] + results, rest
 
     async def _loop(self) -> None:
         while True:
-            batch = await self._collect()
-            batch = [b for b in batch if not b.future.cancelled()]
-            if not batch:
+            pending = await self._take()
+            if not pending:
                 continue
             t0 = time.perf_counter()
             try:
-                results = await asyncio.to_thread(self.run_batch, batch)
+                done, results, rest = await asyncio.to_thread(self._round, pending)
             except BaseException as e:  # noqa: BLE001 - delivered to every waiter
-                results = [e] * len(batch)
+                for item in pending:
+                    if not item.future.done():
+                        item.future.set_exception(e)
                 if isinstance(e, asyncio.CancelledError):
-                    for item in batch:
-                        if not item.future.done():
-                            item.future.set_exception(e)
                     raise
+                continue
             run_s = time.perf_counter() - t0
-            for item, res in zip(batch, results):
+            self._carry.extendleft(reversed(rest))
+            for item, res in zip(done, results):
                 if item.future.done():
                     continue
                 if isinstance(res, BaseException):
                     item.future.set_exception(res)
                 else:
                     item.future.set_result(res)
-            if self.on_batch is not None:
-                rows = sum(b.rows for b in batch)
+            ran = [it for it in done if it.error is None]
+            if self.on_batch is not None and ran:
+                rows = sum(b.rows for b in ran)
                 try:
                     self.on_batch(BatchStats(
-                        rows=rows, requests=len(batch), models=len({b.model for b in batch}),
-                        padded_tokens=rows * max(b.longest for b in batch),
-                        wait_s=t0 - min(b.enqueued for b in batch), run_s=run_s))
+                        rows=rows, requests=len(ran), models=len({b.model for b in ran}),
+                        padded_tokens=rows * max(b.longest for b in ran),
+                        wait_s=t0 - min(b.enqueued for b in ran), run_s=run_s))
                 except Exception:  # noqa: BLE001 - metrics must never break serving
                     logger.exception("batch metrics callback failed")
 

@@ -50,7 +50,10 @@ class ServeConfig(BaseModel):
 
     # -- dynamic batching ----------------------------------------------------------------------
     max_batch_size: int = Field(32, ge=1, le=4096, description="max rows (inputs) per forward")
-    max_wait_ms: float = Field(5.0, ge=0.0, le=10_000, description="how long a batch waits for more requests")
+    max_wait_ms: float = Field(
+        0.0, ge=0.0, le=10_000, description="how long a batch that is not full waits for more requests; 0 = a "
+                                            "batch starts the moment the engine is free (requests that arrive "
+                                            "during a forward form the next batch)")
     max_batch_tokens: int = Field(
         16384, ge=1, description="token budget per forward: rows x longest row (padded tokens); a single "
                                  "request larger than the budget still runs, alone")

@@ -205,7 +205,7 @@ def run_demo(*, cache: str | os.PathLike = ".cache/demo", host: str = "127.0.0.1
     token = os.environ.get("BITDELTA_ADMIN_TOKEN") or secrets.token_urlsafe(18)
     token_hint = "from $BITDELTA_ADMIN_TOKEN" if os.environ.get("BITDELTA_ADMIN_TOKEN") else f"export BITDELTA_ADMIN_TOKEN={token}"
     cfg = ServeConfig(base=str(base_path()), store=str(cache / "store"), host=host, port=port, admin_token=token,
-                      max_wait_ms=5, replica_num_cpus=0.5, max_length=128)
+                      max_wait_ms=0, replica_num_cpus=0.5, max_length=128)
     print(f"[demo] starting the service (local Ray Serve) on {host}:{port}, in parallel ...", flush=True)
     try:
         t_start = time.perf_counter()

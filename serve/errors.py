@@ -1,8 +1,7 @@
 """How errors become HTTP answers: ``{"error": {"type": str, "message": str}}`` + a status code.
 
-Library errors (:mod:`bitdelta_core.errors`) cross the Ray boundary as plain dicts
-(:func:`error_payload`) so nothing depends on exception pickling; the ingress turns them back
-into :class:`ApiError` (:func:`raise_if_error`).
+Library errors (:mod:`bitdelta_core.errors`) map through the ordered table below (first match
+wins); the HTTP layer (:mod:`serve.http`) applies it in its exception handlers.
 """
 
 from __future__ import annotations
@@ -44,20 +43,4 @@ def classify_exception(exc: BaseException) -> tuple[int, str]:
     return 500, "internal_error"
 
 
-def error_payload(exc: BaseException) -> dict[str, Any]:
-    """A library exception as a JSON-able dict (returned by engine replicas instead of raising)."""
-    status, kind = classify_exception(exc)
-    message = str(exc) if status != 500 else f"{type(exc).__name__}: {exc}"
-    return {"error": {"status": status, "type": kind, "message": message}}
-
-
-def raise_if_error(result: Any) -> Any:
-    if isinstance(result, dict) and isinstance(result.get("error"), dict) and "status" in result["error"]:
-        e = result["error"]
-        replica = result.get("replica")
-        raise ApiError(int(e["status"]), str(e["type"]), str(e["message"]),
-                       {"x-bitdelta-replica": str(replica)} if replica else None)
-    return result
-
-
-__all__ = ["ApiError", "classify_exception", "error_payload", "raise_if_error"]
+__all__ = ["ApiError", "classify_exception"]

@@ -31,16 +31,18 @@ def start(cfg: ServeConfig, *, ray_num_cpus: int | None = None, wait_s: float = 
             kwargs["address"] = ray_address
         else:
             kwargs["num_cpus"] = ray_num_cpus or max(2, os.cpu_count() or 2)
-            kwargs["runtime_env"] = {"env_vars": _worker_env()}
+            kwargs["runtime_env"] = {"env_vars": worker_env()}
         ray.init(**kwargs)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config={"log_level": "WARNING"})
+    # no per-request access log lines: they cost CPU on every request of a small machine
+    serve.start(http_options={"host": cfg.host, "port": cfg.port},
+                logging_config={"log_level": "WARNING", "enable_access_log": False})
     serve.run(build_app(cfg.to_args()), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{_client_host(cfg.host)}:{cfg.port}"
     wait_ready(url, wait_s)
     return url
 
 
-def _worker_env() -> dict[str, str]:
+def worker_env() -> dict[str, str]:
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     for k, v in os.environ.items():
         if k.startswith("BITDELTA_") or k in ("HF_HOME", "OMP_NUM_THREADS"):

@@ -161,7 +161,7 @@ def _serve_sources() -> dict[str, ast.Module]:
 
 
 def test_bearer_token_compared_in_constant_time():
-    tree = _serve_sources()["app.py"]
+    tree = _serve_sources()["http.py"]
     checkers = [f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)
                 and "authorization" in ast.unparse(f).lower() and "headers" in ast.unparse(f)]
     assert checkers, "no function reads the Authorization header"
@@ -186,8 +186,8 @@ def test_no_token_compared_with_equality():
 
 
 def test_every_mutating_route_checks_the_admin_token():
-    tree = _serve_sources()["app.py"]
-    api = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "Api")
+    tree = _serve_sources()["http.py"]
+    api = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "Routes")
     routes = 0
     for f in api.body:
         if not isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)):

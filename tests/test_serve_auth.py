@@ -8,7 +8,7 @@ import pytest
 from pydantic import SecretStr
 from starlette.requests import Request
 
-from serve.app import _check_bearer
+from serve.http import _check_bearer
 from serve.errors import ApiError
 
 TOKEN = SecretStr("correct-horse-battery")

@@ -113,3 +113,81 @@ def test_stats_callback():
     assert sum(s.rows for s in seen) == 3 and sum(s.requests for s in seen) == 2
     if len(seen) == 1:
         assert seen[0].models == 2 and seen[0].padded_tokens == 3 * 7
+
+
+# ---- continuous batching: no fixed wait, batched tokenization --------------------------------
+def test_a_request_at_an_idle_engine_runs_at_once():
+    import time
+
+    rec = Recorder()
+    b = MicroBatcher(rec, max_batch_size=64, max_batch_tokens=10_000)  # max_wait_s = 0
+
+    async def go():
+        t0 = time.perf_counter()
+        out = await b.submit(_item("m", "a"))
+        return out, time.perf_counter() - t0
+
+    out, took = _run(go())
+    assert out == ["A"] and took < 0.5
+
+
+def test_requests_arriving_during_a_forward_form_the_next_batch():
+    rec = Recorder(delay=0.2)
+    b = MicroBatcher(rec, max_batch_size=64, max_batch_tokens=10_000)
+
+    async def go():
+        first = asyncio.ensure_future(b.submit(_item("m", "first")))
+        await asyncio.sleep(0.05)  # the first forward is running now
+        rest = [asyncio.ensure_future(b.submit(_item("m", f"t{i}"))) for i in range(5)]
+        return await asyncio.gather(first, *rest)
+
+    out = _run(go())
+    assert out[0] == ["FIRST"] and out[1:] == [[f"T{i}"] for i in range(5)]
+    assert rec.batches == [["m:first"], [f"m:t{i}" for i in range(5)]]
+
+
+def test_new_requests_are_tokenized_in_one_call_per_round_and_errors_stay_per_request():
+    calls = []
+
+    def encode(items):
+        calls.append([it.inputs[0] for it in items])
+        for it in items:
+            if it.inputs[0] == "bad":
+                it.error = ValueError("cannot tokenize 'bad'")
+            else:
+                it.tokens = [len(x) for x in it.inputs]
+
+    rec = Recorder(delay=0.1)
+    b = MicroBatcher(rec, encode=encode, max_batch_size=64, max_batch_tokens=10_000)
+
+    async def go():
+        first = asyncio.ensure_future(b.submit(BatchItem("m", ["first"])))
+        await asyncio.sleep(0.03)
+        rest = [asyncio.ensure_future(b.submit(BatchItem("m", [t]))) for t in ("x", "bad", "y")]
+        return await asyncio.gather(first, *rest, return_exceptions=True)
+
+    out = _run(go())
+    assert out[0] == ["FIRST"] and out[1] == ["X"] and out[3] == ["Y"]
+    assert isinstance(out[2], ValueError) and "bad" in str(out[2])
+    assert calls == [["first"], ["x", "bad", "y"]]  # one call per round, every new request in it
+    assert rec.batches == [["m:first"], ["m:x", "m:y"]]
+
+
+def test_items_over_the_token_budget_are_carried_over_in_order_after_encoding():
+    def encode(items):
+        for it in items:
+            it.tokens = [10] * it.rows
+
+    rec = Recorder(delay=0.05)
+    b = MicroBatcher(rec, encode=encode, max_batch_size=64, max_batch_tokens=30)  # 3 rows of 10 tokens
+
+    async def go():
+        first = asyncio.ensure_future(b.submit(BatchItem("m", ["first"])))
+        await asyncio.sleep(0.02)
+        rest = [asyncio.ensure_future(b.submit(BatchItem("m", [f"t{i}"]))) for i in range(7)]
+        return await asyncio.gather(first, *rest)
+
+    out = _run(go())
+    assert out == [["FIRST"]] + [[f"T{i}"] for i in range(7)]
+    assert [x for batch in rec.batches for x in batch] == ["m:first"] + [f"m:t{i}" for i in range(7)]
+    assert all(len(batch) <= 3 for batch in rec.batches)
