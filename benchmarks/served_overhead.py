@@ -556,14 +556,12 @@ def main(argv=None) -> dict:
             "warmup": args.warmup, "open_rate": args.open_rate, "registered_tenants": args.tenants,
             "quick": args.quick}
     name = args.out or ("served_overhead_quick" if args.quick else "served_overhead")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary(rows)}, indent=1))
-    (RESULTS / f"{name}.md").write_text(markdown(rows, meta))
-    try:
-        plot(rows, RESULTS / f"{name}.png")
-    except ImportError:
-        log.warning("matplotlib missing: no plot")
-    out = {"summary": summary(rows), "results": str(RESULTS / f"{name}.md")}
+    out_dir = Path(os.environ.get("BENCH_OUT", RESULTS))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary(rows)}, indent=1))
+    (out_dir / f"{name}.md").write_text(markdown(rows, meta))
+    plot(rows, out_dir / f"{name}.png")
+    out = {"summary": summary(rows), "rows": rows, "results": str(out_dir / f"{name}.md")}
     print(json.dumps(out, indent=1))
     return out
 

@@ -1,7 +1,8 @@
 """CI smoke runs of the benchmarks (``--quick``), writing into a temporary folder.
 
 ``memory_vs_n --quick`` (about a minute on 2 cores: MiniLM-L6, N = 0, 1, 4 in fresh
-subprocesses) and the served smoke runs (``served_load --quick``, ``scale_1000 --quick``: a local
+subprocesses) and the served smoke runs (``served_load --quick``, ``served_overhead --quick``,
+``scale_1000 --quick``: a local
 Ray cluster on 127.0.0.1, restarted by scale_1000; about a minute each on an idle 2-core machine,
 3-4 under load) run in CI. ``BITDELTA_BENCH_SERVED=0`` skips the served ones locally; the full
 runs are committed under benchmarks/results/.
@@ -87,6 +88,20 @@ def test_served_load_quick(tmp_path, monkeypatch):
     _files(tmp_path, "served_load_quick")
     cap = s["capacity"]["T4_zipf"]
     assert cap["bitdelta_rps"] > 0 and cap["mux_rps"] > 0 and s["single_rps"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SERVED, reason="served smoke runs skipped (BITDELTA_BENCH_SERVED=0)")
+def test_served_overhead_quick(tmp_path, monkeypatch):
+    from benchmarks import served_overhead
+
+    monkeypatch.setenv("BENCH_OUT", str(tmp_path))
+    s = served_overhead.main(["--quick"])
+    _files(tmp_path, "served_overhead_quick")
+    systems = {r["system"] for r in s["rows"]}
+    assert systems == {"plain", "ray", "bitdelta"}
+    assert all(r["ok"] > 0 and r["errors"] == 0 for r in s["rows"]), s["rows"]
+    assert all(r["cpu_ms_per_req"] > 0 for r in s["rows"])
 
 
 @pytest.mark.slow
