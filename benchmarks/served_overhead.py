@@ -288,6 +288,35 @@ def _own_groups(system: str) -> set[str]:
     return {replica, "proxy", "controller", "raylet+gcs", "other"}
 
 
+def replica_times(url: str) -> dict[str, float]:
+    """Sums and counts of the service's own timing histograms (all replicas), from /metrics."""
+    import httpx
+
+    want = ("bitdelta_request_latency_seconds", "bitdelta_forward_seconds", "bitdelta_queue_seconds",
+            "bitdelta_batch_size")
+    out: dict[str, float] = {}
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        name, _, value = line.partition("{") if "{" in line else line.partition(" ")
+        for w in want:
+            for suffix in ("_sum", "_count"):
+                if name == w + suffix:
+                    out[w + suffix] = out.get(w + suffix, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def breakdown(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
+    """Mean ms per request in the replica, per forward (tokenize + run), of queueing, and rows per forward."""
+    def d(k):
+        return after.get(k, 0.0) - before.get(k, 0.0)
+
+    def mean(metric, scale=1000.0):
+        n = d(metric + "_count")
+        return round(d(metric + "_sum") / n * scale, 2) if n else None
+
+    return {"in_replica_ms": mean("bitdelta_request_latency_seconds"), "forward_ms": mean("bitdelta_forward_seconds"),
+            "queue_ms": mean("bitdelta_queue_seconds"), "rows_per_forward": mean("bitdelta_batch_size", 1.0)}
+
+
 # =============================================================================================
 # load
 # =============================================================================================
@@ -396,6 +425,17 @@ def markdown(rows: list[dict], meta: dict) -> str:
         by = ", ".join(f"{k} {v}" for k, v in sorted(r.get("cpu_ms_per_req_by", {}).items()) if v >= 0.05)
         md.append(f"| {r['load']} | {LABELS[r['system']]} | {r['tenants']} | {r['rps']} | {r['p50_ms']} | "
                   f"{r['p99_ms']} | {r['errors']} | {r.get('cpu_ms_per_req')} | {by} | {r.get('loadgen_cpu_ms_per_req')} |")
+    md += ["", "Where a request's time goes in the service (means over the point, from the replicas' own "
+           "histograms): in replica = from the route's entry to its answer; forward = one round of batched "
+           "tokenization + forward; queue = the oldest request's wait for its batch; the rest of the client's "
+           "latency is proxy, HTTP and JSON.", "",
+           "| load | system | tenants | client p50 ms | in replica ms | forward ms | queue ms | rows/forward |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        b = r.get("replica")
+        if b:
+            md.append(f"| {r['load']} | {LABELS[r['system']]} | {r['tenants']} | {r['p50_ms']} | {b['in_replica_ms']} | "
+                      f"{b['forward_ms']} | {b['queue_ms']} | {b['rows_per_forward']} |")
     md += ["", "Ratios (same run): this service with 16 Zipf tenants against the dense-model servers, one sentence "
            "per request:", "", "| load | (c) ÷ best of (b), (b') | (c') ÷ best of (b), (b') | (c) ÷ (a) | (c') ÷ (a) | "
            "p50 (c) ÷ (a) | p50 (c') ÷ (a) |", "|---|---|---|---|---|---|---|"]
@@ -524,6 +564,7 @@ def main(argv=None) -> dict:
                     names = prep["names"][:T]
                     weights = popularity_weights(T, law if law != "-" else "uniform")
                     srv = owner[system]
+                    times0 = replica_times(urls[system]) if system.startswith("bitdelta") else None
                     cpu0, own0 = srv.cpu(), time.process_time()
                     seed += 1
                     if load == "open":
@@ -538,6 +579,8 @@ def main(argv=None) -> dict:
                         label = f"C={c} x{n}"
                         busy_s = args.duration + args.warmup
                     cpu1, own1 = srv.cpu(), time.process_time()
+                    if times0 is not None:
+                        res["replica"] = breakdown(times0, replica_times(urls[system]))
                     # CPU over the whole point (warm-up included) per request answered in it, scaled
                     answered = max(1.0, res["rps"] * busy_s)
                     own = {g: (cpu1.get(g, 0.0) - cpu0.get(g, 0.0)) for g in cpu1 if g in _own_groups(system)}

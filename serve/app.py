@@ -84,8 +84,13 @@ class BitDeltaServer(Routes):
 def build_app(args: dict[str, Any] | None = None) -> Application:
     """Serve application from config values (``args``; ``BITDELTA_*`` env fills the rest)."""
     cfg = ServeConfig.load(dict(args or {}))
+    # The routes never block the event loop (tokenization and the forward run in the batcher's
+    # worker thread, store I/O in to_thread), so user code runs on the replica's main event loop:
+    # one cross-thread hop less per request (one of the settings of Ray's throughput-optimized mode).
+    env = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
     opts: dict[str, Any] = {
-        "ray_actor_options": {"num_cpus": cfg.replica_num_cpus, "num_gpus": cfg.replica_num_gpus},
+        "ray_actor_options": {"num_cpus": cfg.replica_num_cpus, "num_gpus": cfg.replica_num_gpus,
+                              "runtime_env": {"env_vars": env}},
         "max_ongoing_requests": cfg.max_ongoing_requests,
     }
     if cfg.autoscaling:
