@@ -1,5 +1,10 @@
-"""One-off: rebuild the per-task rows of the main accuracy_table run (cut before RTE to meet the
-deadline) from its log, then merge the separately-run RTE rows and write the results."""
+"""Rebuild accuracy_table results from a run's log, merged with the rows of a separate run.
+
+``python -m benchmarks.accuracy_table_from_log LOG`` reads the per-task JSON summary lines and the
+evaluate/distill log lines of an ``accuracy_table`` run (for a run that ended before it wrote its
+results), merges the rows of ``results/accuracy_table_rte.json`` (a run with ``--tasks rte --out
+benchmarks/results/accuracy_table_rte``) and writes ``accuracy_table.{json,md}``; rebuilt rows carry
+a ``"note"``."""
 import json, re, sys
 from pathlib import Path
 from bitdelta_core.artifact import load_artifact

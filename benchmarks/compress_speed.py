@@ -7,7 +7,7 @@ fresh subprocess so its peak RSS (``VmHWM`` of ``/proc/self/status``; ``ru_maxrs
 inherit the parent's peak across vfork + exec) measures compression alone:
 ``compress(base_dir, ft_dir)`` (both models loaded from disk) + ``DeltaArtifact.save``.
 
-Targets (issue 2): <= 10 s on a 2-core CPU, peak memory <= 3x the two models' fp32 size.
+Targets: <= 10 s on a 2-core CPU, peak memory <= 3x the two models' fp32 size.
 
     python -m benchmarks.compress_speed [--repeats 3]
 """

@@ -8,7 +8,7 @@ For each base (MiniLM-L6, a BERT-base-sized config), T tenants and a popularity 
   (c) per-request weight swap (merge on demand): one working model; requests in arrival order,
       merging base + delta into its weights (only tensors that change) whenever the tenant
       changes, consecutive requests of one tenant run together
-  (cg) a stronger swap baseline than the issue asks for: the batch grouped by tenant first,
+  (cg) a stronger swap baseline than (c): the batch grouped by tenant first,
       one swap and one forward per tenant group
   (d) this engine: one base + packed deltas, one forward for the whole mixed batch (with the
       compiled CPU kernel where it builds; ``--no-cpu-kernel`` turns it off)
@@ -16,8 +16,8 @@ For each base (MiniLM-L6, a BERT-base-sized config), T tenants and a popularity 
 
 Tenants are synthetic fine-tunes (base + noise at a fine-tuning-like magnitude on every tensor,
 embedding rows only where SST-2 training sentences would touch them, as real fine-tunes do);
-tenant 1 is compressed for real, 2..T perturb its signs and scales (the issue allows it;
-throughput does not depend on what the bits are). ``--rows all`` changes every embedding row. Prints a JSON summary as
+tenant 1 is compressed for real, 2..T perturb its signs and scales (throughput does not
+depend on what the bits are). ``--rows all`` changes every embedding row. Prints a JSON summary as
 its last line; writes benchmarks/results/engine_throughput.{json,md}.
 
     python -m benchmarks.engine_throughput            # full run (~15-25 min on 2 cores)

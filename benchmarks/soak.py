@@ -1,5 +1,5 @@
 """Load and churn soak: concurrent classification against many tenants while others register,
-replace and delete deltas, over real HTTP on 127.0.0.1 (issue 7, part 2).
+replace and delete deltas, over real HTTP on 127.0.0.1.
 
 Tenants are tiny real fine-tunes of a tiny BERT base (built from configs, no downloads):
 ``s0..`` are *stable* (registered once, never touched), ``c0..`` are *churned* (each has two

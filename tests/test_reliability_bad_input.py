@@ -1,4 +1,4 @@
-"""Bad-input suite over real HTTP (issue 7, part 1): one local Ray Serve service for the module.
+"""Bad-input suite over real HTTP: one local Ray Serve service for the module.
 
 Every case is one malformed request, API or artifact upload. Each must get its documented
 status code and a JSON error ``{"error": {"type", "message"}}`` whose message names the problem

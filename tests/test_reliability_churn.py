@@ -1,4 +1,4 @@
-"""Load and churn (issue 7, part 2), the short CI version of ``python -m benchmarks.soak``.
+"""Load and churn: the short CI version of ``python -m benchmarks.soak``.
 
 Six classify clients hit 7 tenants over real HTTP while two churn threads register, replace (A<->B)
 and delete the churned ones. Every 200 must equal the offline ``apply`` model of the named

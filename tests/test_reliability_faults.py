@@ -1,4 +1,4 @@
-"""Fault tests (issue 7, part 3): crashes lose nothing and registrations are all or nothing.
+"""Fault tests: crashes lose nothing and registrations are all or nothing.
 
 1. Store level, deterministic: a process running ``ArtifactStore.put`` is SIGKILLed at every
    step of the write (object temp file, object rename, record temp file, record link/rename,

@@ -1,4 +1,4 @@
-"""Security review as tests (issue 7, part 4).
+"""Security review as tests.
 
 Static (source inspection with ``ast``, no service):
 * no project ``.py`` file deserialises with pickle: ``torch.load``, ``pickle.load(s)``,
