@@ -22,8 +22,8 @@ Metadata key ``"bitdelta"`` holds a JSON document (format ``FORMAT_VERSION``)::
 Every ``base`` codec tensor and every tensor whose base value is used (sign1/resized) is listed
 in ``fingerprint_names``; loading an artifact against a base checks their combined digest.
 
-Format history: 2 stores only the kept rows' signs behind a row mask (either granularity);
-1 (still read) stored every row's signs and allowed a row mask with tensor granularity only.
+Format versions: 2 (written) stores only the kept rows' signs behind a row mask (either
+granularity); 1 (read) stores every row's signs and allows a row mask with tensor granularity only.
 """
 
 from __future__ import annotations
