@@ -3,8 +3,8 @@
 Everything runs on 127.0.0.1 in one local Ray instance (started by the service's own runner,
 ``serve.run.start``), one system at a time:
 
-  bitdelta   the service (``serve/``: FastAPI ingress -> engine replica with one MiniLM-L6 base and
-             T packed deltas, registered through ``POST /v1/models``);
+  bitdelta   the service (``serve/``: one deployment whose replica is the HTTP ingress and the engine,
+             one MiniLM-L6 base and T packed deltas registered through ``POST /v1/models``);
   mux        the baseline a Ray user would write: one replica of T full fine-tuned checkpoints on
              local disk behind ``@serve.multiplexed(max_num_models_per_replica=K)`` (LRU), the model
              chosen by the ``serve_multiplexed_model_id`` header, ``@serve.batch`` (batches are
