@@ -59,12 +59,10 @@ def test_builder_options(tmp_path):
     from serve.app import build_app
 
     app = build_app({"base": "all-minilm-l6-v2", "store": str(tmp_path), "num_replicas": 3, "replica_num_cpus": 0.25})
-    ingress = app._bound_deployment
-    engine = ingress.init_args[0]._bound_deployment
-    assert engine.name == "ModelServer" and engine.num_replicas == 3
-    assert engine.ray_actor_options["num_cpus"] == 0.25
-    assert ingress.init_args[1]["store"] == str(tmp_path)
+    server = app._bound_deployment  # the one deployment: HTTP ingress and engine in each replica
+    assert server.name == "BitDeltaServer" and server.num_replicas == 3
+    assert server.ray_actor_options["num_cpus"] == 0.25
+    assert server.init_args[0]["store"] == str(tmp_path)
     auto = build_app({"base": "all-minilm-l6-v2", "store": str(tmp_path),
                       "autoscaling": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}})
-    eng = auto._bound_deployment.init_args[0]._bound_deployment
-    assert eng._deployment_config.autoscaling_config.max_replicas == 4
+    assert auto._bound_deployment._deployment_config.autoscaling_config.max_replicas == 4
