@@ -264,6 +264,8 @@ class BatchContext:
     # path that runs all groups of a Linear layer as one batched matmul (few kernel launches)
     pad_index: tuple[torch.Tensor, torch.Tensor] | None = None
     rmax: int = 0
+    # Triton path: tile plans (bitdelta_core.triton_kernel.TilePlan) by row spans, shared by layers
+    plans: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,6 +341,10 @@ class TenantLayer(nn.Module):
         self.fused = (engine._kernel is not None and self.kernel in _STACKABLE and base.weight.dim() == 2
                       and base.weight.shape[1] % 8 == 0 and base.weight.dtype == torch.float32
                       and base.weight.is_contiguous())
+        # Linear/Conv1D/Embedding run through the one-launch Triton kernels (CUDA) when enabled
+        self.triton = engine._triton is not None and (
+            (self.kernel in _STACKABLE and base.weight.dim() == 2)
+            or (type(base) is nn.Embedding and base.max_norm is None))
 
     def __getattr__(self, name: str):
         # code that reads e.g. ``layer.weight`` directly sees the base module's attribute
@@ -353,6 +359,10 @@ class TenantLayer(nn.Module):
             return self.base(*args, **kwargs)
         if not any(s in ctx.tenants and self.name in ctx.tenants[s].layers for s, _ in ctx.groups):
             return self.base(*args, **kwargs)
+        if self.triton and not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor):
+            y = self._triton_forward(args[0], ctx)
+            if y is not None:
+                return y
         if isinstance(self.base, nn.Embedding):
             return self._embedding(args[0], ctx)
         B = ctx.batch_size
@@ -431,6 +441,65 @@ class TenantLayer(nn.Module):
         if fused:
             cpu_kernel_mod.signed_linear_groups(self._engine[0]._kernel, x2.contiguous(), o2,
                                                 self.base.weight.detach(), fused, transposed=conv)
+        return out
+
+    def _triton_forward(self, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor | None:
+        """The layer for every group in one Triton launch (:mod:`.triton_kernel`): base weight plus
+        each group's ``α ⊙ sign(Δ)`` unpacked in the kernel, no merged weight. Tenants with a
+        dense replacement weight (heads) run an ordinary GEMM on their rows. None (the caller's
+        paths run instead) for shapes the kernel does not cover: heads of different widths,
+        another dtype, an input that is not per batch row."""
+        tk = self._engine[0]._triton
+        w = self.base.weight.detach()
+        B = ctx.batch_size
+        deltas = [{} if slot == BASE_SLOT else ctx.tenants[slot].layers.get(self.name, {}) for slot, _ in ctx.groups]
+        if isinstance(self.base, nn.Embedding):
+            if x.dim() < 1 or x.shape[0] not in (1, B) or any(
+                    d.get("weight") is not None and d["weight"].kind != "sign" for d in deltas):
+                return None
+            ids = x.expand(B, *x.shape[1:]) if x.shape[0] != B else x
+            groups = [tk.DeltaGroup(rows.start, rows.stop) if d.get("weight") is None else
+                      tk.DeltaGroup(rows.start, rows.stop, d["weight"].sign.signs, d["weight"].sign.scale,
+                                    d["weight"].index) for (_, rows), d in zip(ctx.groups, deltas)]
+            return tk.grouped_embedding(ids, w, groups)
+        conv = self.kernel is not _linear  # GPT-2 Conv1D: weight (in, out)
+        K, width = x.shape[-1], w.shape[1 if conv else 0]
+        if x.dtype != w.dtype or K != w.shape[0 if conv else 1] or x.numel() == 0:
+            return None
+        if len(ctx.groups) == 1:  # the whole input is one group, whatever its leading dims
+            spans = [(0, x.numel() // K)]
+        elif x.dim() >= 2 and x.shape[0] == B:
+            per_row = x[0].numel() // K  # tokens per batch row
+            spans = [(rows.start * per_row, rows.stop * per_row) for _, rows in ctx.groups]
+        else:
+            return None
+        groups, dense = [], []
+        for (s, e), d in zip(spans, deltas):
+            wd, bd = d.get("weight"), d.get("bias")
+            bias = self.base.bias if bd is None else bd.dense
+            if wd is not None and wd.kind == "dense":  # a replacement weight (a head): plain GEMM
+                if wd.dense.shape != w.shape:
+                    return None
+                dense.append((s, e, wd.dense, bias))
+                groups.append(tk.DeltaGroup(s, s, bias=bias))
+            elif wd is not None:
+                groups.append(tk.DeltaGroup(s, e, wd.sign.signs, wd.sign.scale, wd.index, bias))
+            else:
+                groups.append(tk.DeltaGroup(s, e, bias=bias))
+        key = tuple((g.start, g.end) for g in groups)
+        plan = ctx.plans.get(key)
+        if plan is None:
+            plan = ctx.plans[key] = tk.make_plan(key, x.device)
+        x2 = x.reshape(-1, K)
+        out = x.new_empty((*x.shape[:-1], width))
+        o2 = out.view(-1, width)
+        tk.grouped_linear(x2, w, groups, transposed=conv, out=o2, plan=plan)
+        for s, e, wt, b in dense:
+            wt = wt if conv else wt.t()
+            if b is None:
+                torch.mm(x2[s:e], wt, out=o2[s:e])
+            else:
+                torch.addmm(b, x2[s:e], wt, out=o2[s:e])
         return out
 
     def _stacked(self, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor | None:
@@ -559,6 +628,7 @@ class MultiTenantEngine:
         self_check: bool = True,
         stacked: bool | None = None,
         cpu_kernel: bool | None = None,
+        triton_kernel: bool | None = None,
     ):
         if dtype not in _DTYPES:
             raise InvalidInputError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
@@ -577,6 +647,9 @@ class MultiTenantEngine:
             elif cpu_kernel:
                 raise cpu_kernel_mod.KernelUnavailableError(
                     f"the compiled kernel runs float32 on CPU only, not {dtype} on {self.device}")
+        # one-launch Triton kernels (optional dependency): None = use them on CUDA when triton
+        # imports, unless BITDELTA_TRITON=0; True = require them; False = never
+        self._triton = self._triton_module(triton_kernel)
         if isinstance(base, nn.Module):
             loaded = load_model(base)
             self.architecture = type(base).__name__
@@ -612,9 +685,25 @@ class MultiTenantEngine:
             self._self_check()
         logger.info("engine ready: %s (%s) on %s/%s, %.1f MB base, %s", self.architecture, self.base_name,
                     self.device, dtype, self.base_bytes / 1e6,
-                    "compiled CPU kernel" if self._kernel is not None else "plain PyTorch layers")
+                    "compiled CPU kernel" if self._kernel is not None else
+                    "Triton kernels" if self._triton is not None else "plain PyTorch layers")
 
     # -- construction helpers ----------------------------------------------------------------
+    def _triton_module(self, wanted: bool | None):
+        if wanted is False or (wanted is None and self.device.type != "cuda"):
+            return None
+        from . import triton_kernel as tk
+
+        if wanted is None and not tk.env_enabled():
+            return None
+        # CPU tensors run the kernels only under Triton's interpreter (the tests use it)
+        if tk.usable(self.device) or (wanted and self.device.type == "cpu" and tk.available() and tk.interpreting()):
+            return tk
+        if wanted:
+            raise tk.TritonUnavailableError(f"the Triton kernel cannot run here: {tk.unavailable_reason(self.device)}")
+        logger.info("Triton kernel unavailable (%s); using the stacked PyTorch path", tk.unavailable_reason(self.device))
+        return None
+
     @staticmethod
     def _seqcls_class(base) -> type:
         from transformers import AutoConfig, AutoModelForSequenceClassification
@@ -975,7 +1064,7 @@ class MultiTenantEngine:
         ctx = BatchContext(B, groups, by_slot)
         if perm != list(range(B)):
             ctx.perm = torch.tensor(perm, device=self.device)
-        if self.stacked and len(groups) >= 3:
+        if self.stacked and self._triton is None and len(groups) >= 3:
             g_idx = [g for g, (_, sl) in enumerate(groups) for _ in range(sl.stop - sl.start)]
             r_idx = [r for _, sl in groups for r in range(sl.stop - sl.start)]
             ctx.pad_index = (torch.tensor(g_idx, device=self.device), torch.tensor(r_idx, device=self.device))
@@ -987,7 +1076,8 @@ class MultiTenantEngine:
                 continue  # base rows, or a tenant removed/replaced since the request resolved it
             # with the fused kernel only large groups run on (cached) merged weights: one big GEMM
             # per layer beats the kernel's tiles there, and small groups never need the cache
-            large = self._kernel is None or len(rows) * tokens_per_row >= self.fused_max_tokens
+            # (the Triton kernel never needs merged weights)
+            large = self._triton is None and (self._kernel is None or len(rows) * tokens_per_row >= self.fused_max_tokens)
             if large and by_slot[s].merged_bytes and self._cache.admit(s, by_slot[s].merged_bytes, pinned):
                 ctx.admitted.add(s)
         return ctx
@@ -1033,6 +1123,7 @@ class MultiTenantEngine:
                 "cache_evictions": self._cache.evictions,
                 "cache_rejections": self._cache.rejections,
                 "cpu_kernel": self._kernel is not None,
+                "triton_kernel": self._triton is not None,
                 "tenants": tenants,
             }
 
