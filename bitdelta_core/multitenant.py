@@ -20,6 +20,10 @@ leaf module of the base model is wrapped once (:class:`TenantLayer`); in the for
   multiplied right away, so no ``W_t`` is ever materialised and the base weight is read once
   per layer, not once per tenant (same values as the merged path; faster than even cached
   merged weights on the 2-core benchmark machine).
+* on CUDA with the optional Triton kernels (:mod:`.triton_kernel`), every Linear/Conv1D and
+  embedding runs all groups of the batch in one launch: the base product plus each group's
+  ``α ⊙ sign(Δ)`` unpacked from the packed bits in the kernel, no merged weight on the device
+  (``triton_kernel=False`` or ``BITDELTA_TRITON=0``: the stacked ``baddbmm`` path instead).
 
 Everything that is not a parameterised leaf (attention, activations, pooling) runs once for
 the whole batch. Heads may differ per tenant (``num_labels``, label names, problem type): the
