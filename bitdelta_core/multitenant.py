@@ -349,6 +349,9 @@ class TenantLayer(nn.Module):
         self.triton = engine._triton is not None and (
             (self.kernel in _STACKABLE and base.weight.dim() == 2)
             or (type(base) is nn.Embedding and base.max_norm is None))
+        self._table = (engine._triton.LayerTable(engine._triton_tables, base.weight.detach(),
+                                                 getattr(base, "bias", None), self._triton_entry)
+                       if self.triton else None)
 
     def __getattr__(self, name: str):
         # code that reads e.g. ``layer.weight`` directly sees the base module's attribute
@@ -447,57 +450,106 @@ class TenantLayer(nn.Module):
                                                 self.base.weight.detach(), fused, transposed=conv)
         return out
 
+    # -- Triton path (CUDA; bitdelta_core.triton_kernel) -----------------------------------
+    def _triton_entry(self, tenant: "Tenant"):
+        """This layer's table entry for a tenant: its 1-bit weight and bias (``None``: the base's),
+        or ``"dense"`` for a replacement weight (heads), which the kernel does not cover."""
+        d = tenant.layers.get(self.name, {})
+        wd, bd = d.get("weight"), d.get("bias")
+        if (wd is not None and wd.kind != "sign") or (bd is not None and bd.kind != "dense"):
+            return "dense"
+        if wd is None and bd is None:
+            return None
+        bias = getattr(self.base, "bias", None) if bd is None else bd.dense
+        if wd is None:
+            return self._engine[0]._triton.DeltaGroup(0, 0, bias=bias)
+        return self._engine[0]._triton.DeltaGroup(0, 0, wd.sign.signs, wd.sign.scale, wd.index, bias)
+
     def _triton_forward(self, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor | None:
-        """The layer for every group in one Triton launch (:mod:`.triton_kernel`): base weight plus
-        each group's ``α ⊙ sign(Δ)`` unpacked in the kernel, no merged weight. Tenants with a
-        dense replacement weight (heads) run an ordinary GEMM on their rows. None (the caller's
-        paths run instead) for shapes the kernel does not cover: heads of different widths,
-        another dtype, an input that is not per batch row."""
-        tk = self._engine[0]._triton
-        w = self.base.weight.detach()
+        """The layer for every group in one Triton launch (:mod:`.triton_kernel`): the base weight
+        plus each group's ``α ⊙ sign(Δ)`` unpacked in the kernel, no merged weight. Per layer the
+        host only launches: the tenants' delta addresses sit in the layer's device table (written
+        once per tenant) and the forward's tile plan is shared by all layers. None (the caller's
+        paths run) where the kernel does not apply: another dtype, an input not per batch row."""
+        engine = self._engine[0]
+        tk = engine._triton
+        rows = ctx.plans.get("rows")
+        if rows is None:  # each group's table row, once per forward
+            rows = ctx.plans["rows"] = [engine._triton_tables.row(None if slot == BASE_SLOT else ctx.tenants[slot])
+                                        for slot, _ in ctx.groups]
+        table = self._table
+        table.sync()
+        if table.dense_rows and not table.dense_rows.isdisjoint(rows):
+            return self._triton_groups(x, ctx)  # tenants with their own weight here (heads)
+        w = table.weight
         B = ctx.batch_size
-        deltas = [{} if slot == BASE_SLOT else ctx.tenants[slot].layers.get(self.name, {}) for slot, _ in ctx.groups]
         if isinstance(self.base, nn.Embedding):
-            if x.dim() < 1 or x.shape[0] not in (1, B) or any(
-                    d.get("weight") is not None and d["weight"].kind != "sign" for d in deltas):
+            if x.dim() < 1 or x.shape[0] not in (1, B) or x.is_floating_point():
                 return None
-            ids = x.expand(B, *x.shape[1:]) if x.shape[0] != B else x
-            groups = [tk.DeltaGroup(rows.start, rows.stop) if d.get("weight") is None else
-                      tk.DeltaGroup(rows.start, rows.stop, d["weight"].sign.signs, d["weight"].sign.scale,
-                                    d["weight"].index) for (_, rows), d in zip(ctx.groups, deltas)]
-            return tk.grouped_embedding(ids, w, groups)
+            trow = ctx.plans.get("rows_per_batch_row")
+            if trow is None:
+                per_row = [r for r, (_, sl) in zip(rows, ctx.groups) for _ in range(sl.stop - sl.start)]
+                trow = ctx.plans["rows_per_batch_row"] = torch.tensor(per_row, dtype=torch.int32).to(x.device)
+            return tk.launch_embedding(x.expand(B, *x.shape[1:]) if x.shape[0] != B else x, w, table.table, trow)
         conv = self.kernel is not _linear  # GPT-2 Conv1D: weight (in, out)
         K, width = x.shape[-1], w.shape[1 if conv else 0]
         if x.dtype != w.dtype or K != w.shape[0 if conv else 1] or x.numel() == 0:
             return None
         if len(ctx.groups) == 1:  # the whole input is one group, whatever its leading dims
+            per_row = None
             spans = [(0, x.numel() // K)]
         elif x.dim() >= 2 and x.shape[0] == B:
             per_row = x[0].numel() // K  # tokens per batch row
-            spans = [(rows.start * per_row, rows.stop * per_row) for _, rows in ctx.groups]
+            spans = [(sl.start * per_row, sl.stop * per_row) for _, sl in ctx.groups]
+        else:
+            return None
+        key = ("plan", per_row, spans[-1][1])
+        plan = ctx.plans.get(key)
+        if plan is None:
+            plan = ctx.plans[key] = tk.make_plan(spans, x.device, rows)
+        x2 = x.reshape(-1, K)
+        if x2.stride(1) != 1:
+            x2 = x2.contiguous()
+        out = x.new_empty((*x.shape[:-1], width))
+        tk.launch_linear(x2, w, out.view(-1, width), table.table, plan, transposed=conv,
+                         has_bias=getattr(self.base, "bias", None) is not None)
+        return out
+
+    def _triton_groups(self, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor | None:
+        """:meth:`_triton_forward` for a layer where some tenants bring their own dense weight
+        (classification heads): the kernel runs the other groups, those tenants an ordinary GEMM
+        on their rows. None for heads of different widths and embeddings (other paths run)."""
+        if isinstance(self.base, nn.Embedding):
+            return None
+        tk = self._engine[0]._triton
+        w = self.base.weight.detach()
+        B = ctx.batch_size
+        conv = self.kernel is not _linear
+        K, width = x.shape[-1], w.shape[1 if conv else 0]
+        if len(ctx.groups) == 1:
+            spans = [(0, x.numel() // K)]
+        elif x.dim() >= 2 and x.shape[0] == B:
+            per_row = x[0].numel() // K
+            spans = [(sl.start * per_row, sl.stop * per_row) for _, sl in ctx.groups]
         else:
             return None
         groups, dense = [], []
-        for (s, e), d in zip(spans, deltas):
-            wd, bd = d.get("weight"), d.get("bias")
-            bias = self.base.bias if bd is None else bd.dense
-            if wd is not None and wd.kind == "dense":  # a replacement weight (a head): plain GEMM
-                if wd.dense.shape != w.shape:
+        for (slot, _), (s, e) in zip(ctx.groups, spans):
+            entry = None if slot == BASE_SLOT else self._triton_entry(ctx.tenants[slot])
+            if entry == "dense":
+                d = ctx.tenants[slot].layers[self.name]
+                wd, bd = d.get("weight"), d.get("bias")
+                if wd is None or wd.kind != "dense" or wd.dense.shape != w.shape:
                     return None
-                dense.append((s, e, wd.dense, bias))
-                groups.append(tk.DeltaGroup(s, s, bias=bias))
-            elif wd is not None:
-                groups.append(tk.DeltaGroup(s, e, wd.sign.signs, wd.sign.scale, wd.index, bias))
+                dense.append((s, e, wd.dense, self.base.bias if bd is None else bd.dense))
+                groups.append(tk.DeltaGroup(s, s, bias=self.base.bias))
             else:
-                groups.append(tk.DeltaGroup(s, e, bias=bias))
-        key = tuple((g.start, g.end) for g in groups)
-        plan = ctx.plans.get(key)
-        if plan is None:
-            plan = ctx.plans[key] = tk.make_plan(key, x.device)
+                groups.append(entry or tk.DeltaGroup(s, e, bias=self.base.bias))
+                groups[-1].start, groups[-1].end = s, e
         x2 = x.reshape(-1, K)
         out = x.new_empty((*x.shape[:-1], width))
         o2 = out.view(-1, width)
-        tk.grouped_linear(x2, w, groups, transposed=conv, out=o2, plan=plan)
+        tk.grouped_linear(x2, w, groups, transposed=conv, out=o2)
         for s, e, wt, b in dense:
             wt = wt if conv else wt.t()
             if b is None:
@@ -654,6 +706,7 @@ class MultiTenantEngine:
         # one-launch Triton kernels (optional dependency): None = use them on CUDA when triton
         # imports, unless BITDELTA_TRITON=0; True = require them; False = never
         self._triton = self._triton_module(triton_kernel)
+        self._triton_tables = self._triton.DeltaTables(self.device) if self._triton is not None else None
         if isinstance(base, nn.Module):
             loaded = load_model(base)
             self.architecture = type(base).__name__

@@ -107,8 +107,7 @@ if triton is not None:
 
     def _grouped_linear_kernel(
         x_ptr, w_ptr, y_ptr,
-        tile_group_ptr, tile_row_ptr, group_end_ptr,
-        signs_tab, scale_tab, pos_tab, bias_tab,
+        tile_group_ptr, tile_row_ptr, group_end_ptr, group_trow_ptr, tab_ptr,
         N, K,
         stride_xm, stride_ym, stride_wk, stride_wn,
         HAS_BIAS: tl.constexpr, TRANSPOSED: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr,
@@ -119,12 +118,13 @@ if triton is not None:
         g = tl.load(tile_group_ptr + pid_m)
         row0 = tl.load(tile_row_ptr + pid_m).to(tl.int64)
         row_end = tl.load(group_end_ptr + g).to(tl.int64)
-        signs_addr = tl.load(signs_tab + g)
-        pos_addr = tl.load(pos_tab + g)
+        tab = tab_ptr + tl.load(group_trow_ptr + g).to(tl.int64) * 4  # the group's tenant's table row
+        signs_addr = tl.load(tab)
+        pos_addr = tl.load(tab + 2)
         has_delta = signs_addr != 0
         has_pos = pos_addr != 0
         signs = signs_addr.to(tl.pointer_type(tl.uint8))
-        scale = tl.load(scale_tab + g).to(tl.pointer_type(y_ptr.dtype.element_ty))
+        scale = tl.load(tab + 1).to(tl.pointer_type(y_ptr.dtype.element_ty))
         pos = pos_addr.to(tl.pointer_type(tl.int32))
 
         offs_m = row0 + tl.arange(0, BLOCK_M)
@@ -176,32 +176,31 @@ if triton is not None:
                 else:
                     acc = tl.dot(x, d, acc)
         if HAS_BIAS:
-            bias = tl.load(bias_tab + g).to(tl.pointer_type(w_ptr.dtype.element_ty))
+            bias = tl.load(tab + 3).to(tl.pointer_type(w_ptr.dtype.element_ty))
             acc += tl.load(bias + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=m_mask[:, None] & n_mask[None, :])
 
     def _embedding_kernel(
-        ids_ptr, tok_group_ptr, e_ptr, out_ptr,
-        signs_tab, scale_tab, pos_tab,
-        D, stride_e,
+        ids_ptr, row_trow_ptr, e_ptr, out_ptr, tab_ptr,
+        per_row, D, stride_e,
         BLOCK_D: tl.constexpr,
     ):
         t = tl.program_id(0)
         pid_d = tl.program_id(1)
         tok = tl.load(ids_ptr + t).to(tl.int64)
-        g = tl.load(tok_group_ptr + t)
+        tab = tab_ptr + tl.load(row_trow_ptr + t // per_row).to(tl.int64) * 4  # this batch row's tenant
         offs = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
         mask = offs < D
         e = tl.load(e_ptr + tok * stride_e + offs, mask=mask, other=0.0).to(tl.float32)
-        signs_addr = tl.load(signs_tab + g)
-        pos_addr = tl.load(pos_tab + g)
+        signs_addr = tl.load(tab)
+        pos_addr = tl.load(tab + 2)
         if signs_addr != 0:
             p = tok
             if pos_addr != 0:
                 p = tl.load(pos_addr.to(tl.pointer_type(tl.int32)) + tok).to(tl.int64)
             if p >= 0:
-                alpha = tl.load(tl.load(scale_tab + g).to(tl.pointer_type(out_ptr.dtype.element_ty)) + p).to(tl.float32)
+                alpha = tl.load(tl.load(tab + 1).to(tl.pointer_type(out_ptr.dtype.element_ty)) + p).to(tl.float32)
                 bit = p * D + offs
                 byte = tl.load(signs_addr.to(tl.pointer_type(tl.uint8)) + (bit >> 3), mask=mask, other=0)
                 positive = ((byte.to(tl.int32) >> (bit & 7).to(tl.int32)) & 1) != 0
@@ -248,7 +247,7 @@ def _need_triton() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# host side: metadata, position maps, launches
+# host side: position maps, table rows, tile plans, launches
 # ---------------------------------------------------------------------------------------------
 _pos_lock = threading.Lock()
 _positions: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
@@ -278,59 +277,6 @@ def _to_device(values: list[int], device: torch.device, dtype=torch.int64) -> to
 
 
 @dataclass
-class TilePlan:
-    """Row tiles of a batch's groups for one ``BLOCK_M``: tile -> (group, first row), group ->
-    end row. Shared by every layer whose input has the same rows (one per forward and token
-    count per batch row)."""
-
-    spans: tuple[tuple[int, int], ...]
-    block_m: int
-    tile_group: torch.Tensor  # int32 (tiles,)
-    tile_row: torch.Tensor  # int32 (tiles,)
-    group_end: torch.Tensor  # int32 (groups + 1,): the last entry is an empty group for padding tiles
-    n_tiles: int
-
-
-def pick_block_m(spans: Sequence[tuple[int, int]]) -> int:
-    """16, 32 or 64 rows per tile: the smallest that covers the largest group, at most 64."""
-    largest = max((e - s for s, e in spans), default=0)
-    return 16 if largest <= 16 else 32 if largest <= 32 else 64
-
-
-def make_plan(spans: Sequence[tuple[int, int]], device: torch.device | str, block_m: int | None = None,
-              pad_tiles_to: int | None = None) -> TilePlan:
-    """Tiles for groups owning rows ``[s, e)`` each (ascending, non-overlapping; empty allowed).
-
-    ``pad_tiles_to`` appends no-op tiles (an empty group) up to that many tiles, so a launch with a
-    fixed grid (a captured CUDA graph) serves any batch composition of the same row count:
-    ``cdiv(M, BLOCK_M) + groups`` tiles always suffice."""
-    device = torch.device(device)
-    spans = tuple((int(s), int(e)) for s, e in spans)
-    prev = 0
-    for s, e in spans:
-        if s < prev or e < s:
-            raise ValueError(f"group rows must be ascending, non-overlapping [start, end) spans, got {spans}")
-        prev = e
-    bm = int(block_m or pick_block_m(spans))
-    if bm not in (16, 32, 64, 128):
-        raise ValueError(f"block_m must be 16, 32, 64 or 128, got {bm}")
-    tg, tr = [], []
-    for g, (s, e) in enumerate(spans):
-        for r in range(s, e, bm):
-            tg.append(g)
-            tr.append(r)
-    n = len(tg)
-    if pad_tiles_to is not None:
-        if pad_tiles_to < n:
-            raise ValueError(f"{n} tiles do not fit in pad_tiles_to={pad_tiles_to}")
-        tg += [len(spans)] * (pad_tiles_to - n)
-        tr += [0] * (pad_tiles_to - n)
-    ends = [e for _, e in spans] + [0]
-    return TilePlan(spans, bm, _to_device(tg, device, torch.int32), _to_device(tr, device, torch.int32),
-                    _to_device(ends, device, torch.int32), len(tg))
-
-
-@dataclass
 class DeltaGroup:
     """One group's rows and how its tenant changes the layer. ``signs``/``scale``/``index`` are a
     1-bit weight delta (``signs=None``: the base weight for these rows); ``bias`` replaces the
@@ -348,10 +294,127 @@ def _as_group(g) -> DeltaGroup:
     return g if isinstance(g, DeltaGroup) else DeltaGroup(*g)
 
 
+def table_entry(g: DeltaGroup, weight: torch.Tensor, dtype: torch.dtype, keep: list) -> list[int]:
+    """The table row ``[signs, scale, position map, bias]`` (device addresses, 0 = none) of one
+    tenant's delta for a weight, checked; tensors the addresses point into are appended to
+    ``keep`` (they must live as long as the row is used)."""
+    rows, cols = weight.shape
+    device = weight.device
+    for t in (g.signs, g.scale, g.index, g.bias):
+        if t is not None and t.device != device:
+            raise ValueError(f"every tensor must be on {device}, got one on {t.device}")
+    entry = [0, 0, 0, 0]
+    if g.signs is not None:
+        kept = rows if g.index is None else g.index.numel()
+        if g.signs.dtype != torch.uint8 or g.signs.numel() * 8 < kept * cols:
+            raise ValueError(f"signs must be uint8 covering {kept} stored rows × {cols}")
+        if g.scale is None or g.scale.numel() != kept:
+            raise ValueError(f"one scale per stored row ({kept}) is needed, got "
+                             f"{None if g.scale is None else g.scale.numel()}")
+        if kept:  # a delta without stored rows is the base
+            sg, sc = g.signs.contiguous(), g.scale.to(dtype).contiguous()
+            keep += [sg, sc]
+            entry[0], entry[1] = sg.data_ptr(), sc.data_ptr()
+            if g.index is not None:
+                pm = position_map(g.index, rows)
+                keep.append(pm)
+                entry[2] = pm.data_ptr()
+    if g.bias is not None:
+        b = g.bias.to(weight.dtype).contiguous()
+        keep.append(b)
+        entry[3] = b.data_ptr()
+    return entry
+
+
+@dataclass
+class TilePlan:
+    """Row tiles of a batch's groups for one ``BLOCK_M``: tile -> (group, first row); group -> end
+    row and table row (its tenant). Shared by every layer whose input has the same rows (one per
+    forward and token count per batch row); one host-to-device copy."""
+
+    spans: tuple[tuple[int, int], ...]
+    block_m: int
+    tile_group: torch.Tensor  # int32 (tiles,)
+    tile_row: torch.Tensor  # int32 (tiles,)
+    group_end: torch.Tensor  # int32 (groups + 1,): the last entry is an empty group for padding tiles
+    group_trow: torch.Tensor  # int32 (groups + 1,): each group's table row
+    n_tiles: int
+
+
+def pick_block_m(spans: Sequence[tuple[int, int]]) -> int:
+    """16, 32 or 64 rows per tile: the smallest that covers the largest group, at most 64."""
+    largest = max((e - s for s, e in spans), default=0)
+    return 16 if largest <= 16 else 32 if largest <= 32 else 64
+
+
+def make_plan(spans: Sequence[tuple[int, int]], device: torch.device | str, group_rows: Sequence[int] | None = None,
+              block_m: int | None = None, pad_tiles_to: int | None = None) -> TilePlan:
+    """Tiles for groups owning rows ``[s, e)`` each (ascending, non-overlapping; empty allowed);
+    ``group_rows``: each group's table row (default: group ``i`` uses row ``i``).
+
+    ``pad_tiles_to`` appends no-op tiles (an empty group) up to that many tiles, so a launch with a
+    fixed grid (a captured CUDA graph) serves any batch composition of the same row count:
+    ``cdiv(M, BLOCK_M) + groups`` tiles always suffice."""
+    device = torch.device(device)
+    spans = tuple((int(s), int(e)) for s, e in spans)
+    prev = 0
+    for s, e in spans:
+        if s < prev or e < s:
+            raise ValueError(f"group rows must be ascending, non-overlapping [start, end) spans, got {spans}")
+        prev = e
+    group_rows = list(range(len(spans))) if group_rows is None else [int(r) for r in group_rows]
+    if len(group_rows) != len(spans):
+        raise ValueError(f"{len(group_rows)} table rows for {len(spans)} groups")
+    bm = int(block_m or pick_block_m(spans))
+    if bm not in (16, 32, 64, 128):
+        raise ValueError(f"block_m must be 16, 32, 64 or 128, got {bm}")
+    tg, tr = [], []
+    for g, (s, e) in enumerate(spans):
+        for r in range(s, e, bm):
+            tg.append(g)
+            tr.append(r)
+    n = len(tg)
+    if pad_tiles_to is not None:
+        if pad_tiles_to < n:
+            raise ValueError(f"{n} tiles do not fit in pad_tiles_to={pad_tiles_to}")
+        tg += [len(spans)] * (pad_tiles_to - n)
+        tr += [0] * (pad_tiles_to - n)
+    G1 = len(spans) + 1
+    meta = _to_device(tg + tr + [e for _, e in spans] + [0] + group_rows + [0], device, torch.int32)
+    T = len(tg)
+    return TilePlan(spans, bm, meta[:T], meta[T:2 * T], meta[2 * T:2 * T + G1], meta[2 * T + G1:], T)
+
+
+def launch_linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, table: torch.Tensor, plan: TilePlan, *,
+                  transposed: bool, has_bias: bool, block_n: int = 64, block_k: int | None = None,
+                  num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+    """The one launch of the grouped Linear, unchecked: ``x`` (M, K) and ``out`` (M, N) with
+    contiguous rows, ``table`` int64 (rows, 4) on the device, ``plan`` over ``x``'s rows.
+    :func:`grouped_linear` checks its inputs and calls this; the engine calls it directly."""
+    N = weight.shape[1] if transposed else weight.shape[0]
+    K = x.shape[1]
+    if plan.n_tiles == 0 or N == 0:
+        return out
+    if block_k is None:
+        block_k = 32 if x.dtype == torch.float32 else 64
+    swk, swn = (weight.stride(0), weight.stride(1)) if transposed else (weight.stride(1), weight.stride(0))
+    # Triton's interpreter computes bf16 dot products wrongly (it reads the raw bits); there the
+    # bf16 tiles are widened to float32 first (same products: a bf16 product is exact in fp32)
+    dot_f32 = x.dtype == torch.bfloat16 and interpreting()
+    _kernel("_grouped_linear_kernel")[(plan.n_tiles, triton.cdiv(N, block_n))](
+        x, weight, out, plan.tile_group, plan.tile_row, plan.group_end, plan.group_trow, table,
+        N, K, x.stride(0), out.stride(0), swk, swn,
+        HAS_BIAS=bool(has_bias), TRANSPOSED=bool(transposed),
+        IEEE=(x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32) or dot_f32,
+        DOT_F32=dot_f32,
+        BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
+
+
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, groups: Sequence, *, transposed: bool = False,
-                   out: torch.Tensor | None = None, plan: TilePlan | None = None,
-                   block_n: int = 64, block_k: int | None = None, num_warps: int = 4,
-                   num_stages: int = 3) -> torch.Tensor:
+                   out: torch.Tensor | None = None, plan: TilePlan | None = None, **launch) -> torch.Tensor:
     """``out[s:e] = x[s:e] · (W + diag(scale) sign)ᵀ + bias`` for every group in one launch
     (``transposed``: GPT-2 Conv1D's (K, N) weight, ``x[s:e] · (W + diag(scale) sign) + bias``).
 
@@ -359,8 +422,8 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, groups: Sequence, *, t
     ascending, non-overlapping row ranges of ``x`` (the interface of
     :func:`bitdelta_core.cpu_kernel.signed_linear_groups`, plus ``signs=None`` for base rows).
     Rows outside every group are left as they are in ``out``. Either every group has a bias or
-    none has. ``plan`` (from :func:`make_plan` over the same spans) lets layers of one forward
-    share the tile metadata. CPU tensors need Triton's interpreter (:func:`interpreting`).
+    none has. ``plan`` (from :func:`make_plan` over the same spans, default table rows) may be
+    shared by several calls. CPU tensors need Triton's interpreter (:func:`interpreting`).
     """
     _need_triton()
     groups = [_as_group(g) for g in groups]
@@ -370,8 +433,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, groups: Sequence, *, t
         raise ValueError(f"x and weight must share one dtype of {_DTYPES}, got {x.dtype} and {weight.dtype}")
     M, K = x.shape
     N = weight.shape[1] if transposed else weight.shape[0]
-    rows, cols = weight.shape  # of the packed sign matrix
-    if (weight.shape[0] if transposed else weight.shape[1]) != K:
+    if (weight.shape[0] if transposed else weight.shape[1]) != K or K == 0:
         raise ValueError(f"x has {K} features, the weight {tuple(weight.shape)}"
                          f"{' (in, out)' if transposed else ' (out, in)'} does not match")
     if x.stride(1) != 1 and M * K:
@@ -380,79 +442,39 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, groups: Sequence, *, t
         out = x.new_empty((M, N))
     elif out.shape != (M, N) or out.dtype != x.dtype or (out.stride(1) != 1 and M * N):
         raise ValueError(f"out must be ({M}, {N}) {x.dtype} with contiguous rows")
-    device = x.device
-    _check_device(device)
-    has_bias = [g.bias is not None for g in groups]
-    if len(set(has_bias)) > 1:
+    _check_device(x.device)
+    has_bias = {g.bias is not None for g in groups}
+    if len(has_bias) > 1:
         raise ValueError("either every group has a bias or none has")
-    signs_t, scale_t, pos_t, bias_t, keep = [], [], [], [], []
+    keep: list = []
+    entries = []
     for g in groups:
         if not 0 <= g.start <= g.end <= M:
             raise ValueError(f"group rows [{g.start}, {g.end}) are outside x's {M} rows")
-        s = 0
-        if g.signs is not None:
-            kept = rows if g.index is None else g.index.numel()
-            sc = g.scale
-            if g.signs.dtype != torch.uint8 or g.signs.numel() * 8 < kept * cols:
-                raise ValueError(f"signs must be uint8 covering {kept} stored rows × {cols}")
-            if sc is None or sc.numel() != kept:
-                raise ValueError(f"one scale per stored row ({kept}) is needed, got "
-                                 f"{None if sc is None else sc.numel()}")
-            if kept:  # a delta without stored rows is the base
-                sg = g.signs.contiguous()
-                sc = sc.to(x.dtype).contiguous()
-                keep += [sg, sc]
-                s = sg.data_ptr()
-                scale_t.append(sc.data_ptr())
-                if g.index is not None:
-                    pm = position_map(g.index, rows)
-                    keep.append(pm)
-                    pos_t.append(pm.data_ptr())
-                else:
-                    pos_t.append(0)
-        if not s:
-            scale_t.append(0)
-            pos_t.append(0)
-        signs_t.append(s)
-        if g.bias is not None:
-            if g.bias.numel() != N:
-                raise ValueError(f"bias must have {N} entries, got {g.bias.numel()}")
-            b = g.bias.to(weight.dtype).contiguous()
-            keep.append(b)
-            bias_t.append(b.data_ptr())
-        else:
-            bias_t.append(0)
-        for t in (g.signs, g.scale, g.index, g.bias):
-            if t is not None and t.device != device:
-                raise ValueError(f"every tensor must be on {device}, got one on {t.device}")
+        if g.bias is not None and g.bias.numel() != N:
+            raise ValueError(f"bias must have {N} entries, got {g.bias.numel()}")
+        entries += table_entry(g, weight, x.dtype, keep)
     spans = tuple((g.start, g.end) for g in groups)
     if plan is None or plan.spans != spans:
-        plan = make_plan(spans, device)
-    if plan.n_tiles == 0 or N == 0:
+        plan = make_plan(spans, x.device)
+    table = _to_device(entries + [0, 0, 0, 0], x.device).view(-1, 4)  # + a zero row
+    launch_linear(x, weight, out, table, plan, transposed=transposed, has_bias=has_bias == {True}, **launch)
+    del keep  # the tensors the table points into lived until the launch was queued
+    return out
+
+
+def launch_embedding(ids: torch.Tensor, weight: torch.Tensor, table: torch.Tensor, row_trow: torch.Tensor,
+                     block_d: int = 128) -> torch.Tensor:
+    """The one launch of the grouped embedding, unchecked: ``row_trow`` int32 (B,) is each batch
+    row's table row, ``ids`` (B, ...) on the device."""
+    D = weight.shape[1]
+    out = weight.new_empty((*ids.shape, D))
+    T = ids.numel()
+    if T == 0 or D == 0:
         return out
-    if K == 0:
-        raise ValueError("K = 0 is not supported")
-    Gp = len(groups) + 1  # + the empty group of padding tiles
-    tabs = _to_device(signs_t + [0] + scale_t + [0] + pos_t + [0] + bias_t + [0], device).view(4, Gp)
-    if block_k is None:
-        block_k = 32 if x.dtype == torch.float32 else 64
-    swk, swn = (weight.stride(0), weight.stride(1)) if transposed else (weight.stride(1), weight.stride(0))
-    kern = _kernel("_grouped_linear_kernel")
-    # Triton's interpreter computes bf16 dot products wrongly (it reads the raw bits); there the
-    # bf16 tiles are widened to float32 first (same products: a bf16 product is exact in fp32)
-    dot_f32 = x.dtype == torch.bfloat16 and interpreting()
-    grid = (plan.n_tiles, triton.cdiv(N, block_n))
-    kern[grid](
-        x, weight, out, plan.tile_group, plan.tile_row, plan.group_end,
-        tabs[0], tabs[1], tabs[2], tabs[3],
-        N, K, x.stride(0), out.stride(0), swk, swn,
-        HAS_BIAS=bool(has_bias and has_bias[0]), TRANSPOSED=bool(transposed),
-        IEEE=(x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32) or dot_f32,
-        DOT_F32=dot_f32,
-        BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=num_warps, num_stages=num_stages,
-    )
-    del keep  # the tensors whose addresses the tables hold lived until the launch was queued
+    ids_c = ids.reshape(-1).contiguous()
+    _kernel("_embedding_kernel")[(T, triton.cdiv(D, block_d))](
+        ids_c, row_trow, weight, out, table, T // ids.shape[0], D, weight.stride(0), BLOCK_D=block_d)
     return out
 
 
@@ -461,63 +483,151 @@ def grouped_embedding(ids: torch.Tensor, weight: torch.Tensor, groups: Sequence,
     """``E[ids] + α[pos(id)] · sign(Δ)[pos(id)]`` per token in one launch.
 
     ``ids``: (B, ...) token ids of a batch sorted by tenant; ``groups``: :class:`DeltaGroup` or
-    ``(start, end, signs, scale, index, bias)`` tuples over ranges of ``ids``' first dimension
-    (``bias`` is ignored; ``signs=None``: plain base rows). Returns ``ids.shape + (D,)`` in
-    ``weight``'s dtype. Rows left out of a format-2 delta add nothing.
+    ``(start, end, signs, scale, index, bias)`` tuples over ascending ranges of ``ids``' first
+    dimension (``bias`` is ignored; ``signs=None`` and rows outside every group: plain base rows).
+    Returns ``ids.shape + (D,)`` in ``weight``'s dtype. Rows left out of a format-2 delta add nothing.
     """
     _need_triton()
     groups = [_as_group(g) for g in groups]
-    V, D = weight.shape
-    if weight.dtype not in _DTYPES:
-        raise ValueError(f"weight dtype must be one of {_DTYPES}, got {weight.dtype}")
-    B = ids.shape[0] if ids.dim() else 0
-    per_row = ids[0].numel() if B else 0
-    device = ids.device
-    _check_device(device)
-    tok_group = []
-    signs_t, scale_t, pos_t, keep = [], [], [], []
+    if weight.dim() != 2 or weight.dtype not in _DTYPES:
+        raise ValueError(f"weight must be 2-D of a dtype in {_DTYPES}, got {weight.dtype} {tuple(weight.shape)}")
+    if ids.dim() < 1:
+        raise ValueError("ids must have a batch dimension")
+    _check_device(ids.device)
+    B = ids.shape[0]
+    keep: list = []
+    entries = [0, 0, 0, 0]  # row 0: the base
+    row_trow = [0] * B
     covered = 0
-    for gi, g in enumerate(groups):
-        if not (covered <= g.start <= g.end <= B):
+    for i, g in enumerate(groups):
+        if not covered <= g.start <= g.end <= B:
             raise ValueError(f"groups must be ascending row ranges of the {B} rows")
-        tok_group += [len(groups)] * ((g.start - covered) * per_row) + [gi] * ((g.end - g.start) * per_row)
         covered = g.end
-        s = 0
-        if g.signs is not None:
-            kept = V if g.index is None else g.index.numel()
-            if g.signs.dtype != torch.uint8 or g.signs.numel() * 8 < kept * D:
-                raise ValueError(f"signs must be uint8 covering {kept} stored rows × {D}")
-            if g.scale is None or g.scale.numel() != kept:
-                raise ValueError(f"one scale per stored row ({kept}) is needed")
-            if kept:
-                sg, sc = g.signs.contiguous(), g.scale.to(weight.dtype).contiguous()
-                keep += [sg, sc]
-                s = sg.data_ptr()
-                scale_t.append(sc.data_ptr())
-                if g.index is not None:
-                    pm = position_map(g.index, V)
-                    keep.append(pm)
-                    pos_t.append(pm.data_ptr())
-                else:
-                    pos_t.append(0)
-        if not s:
-            scale_t.append(0)
-            pos_t.append(0)
-        signs_t.append(s)
-    tok_group += [len(groups)] * ((B - covered) * per_row)
-    out = weight.new_empty((*ids.shape, D))
-    T = ids.numel()
-    if T == 0 or D == 0:
-        return out
-    Gp = len(groups) + 1
-    tabs = _to_device(signs_t + [0] + scale_t + [0] + pos_t + [0], device).view(3, Gp)
-    tg = _to_device(tok_group, device, torch.int32)
-    kern = _kernel("_embedding_kernel")
-    ids_c = ids.reshape(-1).contiguous()
-    kern[(T, triton.cdiv(D, block_d))](ids_c, tg, weight, out, tabs[0], tabs[1], tabs[2], D, weight.stride(0),
-                                      BLOCK_D=block_d)
+        entries += table_entry(DeltaGroup(g.start, g.end, g.signs, g.scale, g.index), weight, weight.dtype, keep)
+        row_trow[g.start:g.end] = [i + 1] * (g.end - g.start)
+    table = _to_device(entries, ids.device).view(-1, 4)
+    out = launch_embedding(ids, weight, table, _to_device(row_trow, ids.device, torch.int32), block_d)
     del keep
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the engine's resident tables: one row per resident tenant, one table per layer
+# ---------------------------------------------------------------------------------------------
+BASE_ROW = 0
+
+
+class DeltaTables:
+    """Table rows of the engine's tenants, shared by every layer: tenant -> row (row 0 is the
+    base). A row is assigned on a tenant's first batch and freed when the tenant object is
+    garbage-collected (unregistered and out of every in-flight batch); a freed row is reused.
+
+    Each layer owns a :class:`LayerTable` (rows × 4 int64 on the device: the addresses of that
+    tenant's signs, scales, position map and bias for the layer), written once per tenant, so a
+    forward hands every layer only its plan (group -> row): no per-layer host work or copy.
+    """
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self._lock = threading.RLock()  # (a finalizer may run while it is held)
+        self._rows: dict[int, int] = {}  # id(tenant) -> row
+        self._owners: dict[int, weakref.ref] = {}  # row -> tenant
+        self._free: list[int] = []
+        self._next = 1
+        self.version = 0  # bumped whenever a row changes owner
+
+    @property
+    def capacity(self) -> int:
+        return self._next
+
+    def row(self, tenant: object | None) -> int:
+        """The table row of ``tenant`` (``None``: the base row), assigning one if needed."""
+        if tenant is None:
+            return BASE_ROW
+        key = id(tenant)
+        with self._lock:
+            r = self._rows.get(key)
+            if r is not None and self._owners[r]() is tenant:
+                return r
+            r = self._free.pop() if self._free else self._next
+            self._next = max(self._next, r + 1)
+            self._rows[key] = r
+            self._owners[r] = weakref.ref(tenant)
+            self.version += 1
+        weakref.finalize(tenant, self._release, key, r)
+        return r
+
+    def _release(self, key: int, r: int) -> None:
+        with self._lock:
+            if self._rows.get(key) == r:
+                del self._rows[key]
+                self._owners.pop(r, None)
+                self._free.append(r)
+                self.version += 1
+
+    def owners(self) -> dict[int, object]:
+        """row -> live tenant."""
+        with self._lock:
+            items = list(self._owners.items())
+        return {r: t for r, ref in items if (t := ref()) is not None}
+
+
+class LayerTable:
+    """One layer's rows of :class:`DeltaTables` on the device, synced lazily (only rows whose
+    owner changed are rewritten). ``entry(tenant)`` gives the tenant's :class:`DeltaGroup` for
+    this layer (``None``: the base weight), or ``"dense"`` for a replacement weight the kernel
+    does not cover: those rows are listed in :attr:`dense_rows`."""
+
+    def __init__(self, tables: DeltaTables, weight: torch.Tensor, bias: torch.Tensor | None, entry):
+        self.tables = tables
+        self.weight = weight
+        self.bias = bias
+        self.entry = entry
+        self.table = torch.zeros((0, 4), dtype=torch.int64, device=tables.device)
+        self.dense_rows: set[int] = set()
+        self._version = -1
+        self._written: dict[int, weakref.ref] = {}  # row -> tenant whose entry it holds
+        self._keep: dict[int, list] = {}
+
+    def sync(self) -> None:
+        if self._version == self.tables.version and self.table.shape[0] >= self.tables.capacity:
+            return
+        owners = self.tables.owners()
+        if self.table.shape[0] < self.tables.capacity:
+            grown = torch.zeros((max(8, 2 * self.tables.capacity), 4), dtype=torch.int64, device=self.tables.device)
+            grown[: self.table.shape[0]] = self.table
+            self.table = grown
+            self._written.pop(BASE_ROW, None)
+        rows, values = [], []
+        if BASE_ROW not in self._written:
+            keep: list = []
+            rows.append(BASE_ROW)
+            values += table_entry(DeltaGroup(0, 0, bias=self.bias), self.weight, self.weight.dtype, keep)
+            self._keep[BASE_ROW] = keep
+            self._written[BASE_ROW] = lambda: None
+        for r in [r for r in self._written if r != BASE_ROW and r not in owners]:  # freed rows
+            self._written.pop(r)
+            self._keep.pop(r, None)
+            self.dense_rows.discard(r)
+        for r, t in owners.items():
+            ref = self._written.get(r)
+            if ref is not None and ref() is t:
+                continue
+            e = self.entry(t)
+            keep = []
+            self.dense_rows.discard(r)
+            if e == "dense":
+                self.dense_rows.add(r)
+                e = None
+            g = e if e is not None else DeltaGroup(0, 0, bias=self.bias)
+            rows.append(r)
+            values += table_entry(g, self.weight, self.weight.dtype, keep)
+            self._keep[r] = keep
+            self._written[r] = weakref.ref(t)
+        if rows:
+            idx = torch.tensor(rows, device=self.tables.device)
+            self.table.index_copy_(0, idx, torch.tensor(values, dtype=torch.int64).view(-1, 4).to(self.tables.device))
+        self._version = self.tables.version
 
 
 def reference_grouped_linear(x: torch.Tensor, weight: torch.Tensor, groups: Sequence, *,

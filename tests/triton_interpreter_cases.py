@@ -193,8 +193,8 @@ def setup(request, tmp_path_factory):
 def test_engine_triton_path_matches_per_model_reference(setup, monkeypatch):
     arch, base, arts, refs = setup
     launches = []
-    real = tk.grouped_linear
-    monkeypatch.setattr(tk, "grouped_linear", lambda *a, **k: launches.append(len(a[2])) or real(*a, **k))
+    real = tk.launch_linear
+    monkeypatch.setattr(tk, "launch_linear", lambda *a, **k: launches.append(len(a[4].spans)) or real(*a, **k))
     eng = MultiTenantEngine(base, triton_kernel=True, cpu_kernel=False)
     for n, a in arts.items():
         eng.register(n, a)
@@ -214,3 +214,56 @@ def test_engine_triton_path_matches_per_model_reference(setup, monkeypatch):
     assert launches and set(launches) == {4}
     mem = eng.memory_report()
     assert mem["triton_kernel"] and mem["cache_bytes"] == 0  # no merged weights anywhere
+
+
+def test_engine_table_rows_follow_tenants(setup):
+    """A removed tenant's table row is freed and reused by the next one; every layer rewrites it
+    before use, so the new tenant's rows never run with the old tenant's deltas."""
+    import gc
+
+    arch, base, arts, refs = setup
+    eng = MultiTenantEngine(base, triton_kernel=True, cpu_kernel=False, self_check=False)
+    eng.register("x", arts["a"])
+    eng.register("y", arts["b"])
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, VOCAB, (3, 5), generator=g)
+    enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    eng.forward(enc, ["x", "y", None])
+    tables = eng._triton_tables
+    row_x = tables.row(eng._tenants["x"])
+    eng.unregister("x")
+    gc.collect()
+    assert row_x not in tables.owners()
+    eng.register("z", arts["c"])
+    logits = eng.forward(enc, ["z", "y", "z"])
+    assert tables.row(eng._tenants["z"]) == row_x  # the freed row, reused
+    for i, n in enumerate(["c", "b", "c"]):
+        with torch.no_grad():
+            ref = refs[n](input_ids=ids[i:i + 1]).logits[0]
+        torch.testing.assert_close(logits[i], ref, atol=1e-4, rtol=0, msg=f"{arch} row {i}")
+    # a re-registered name is a new tenant object: a new row, the new deltas
+    eng.register("y", arts["a"], replace=True)
+    logits = eng.forward(enc, ["y"] * 3)
+    for i in range(3):
+        with torch.no_grad():
+            ref = refs["a"](input_ids=ids[i:i + 1]).logits[0]
+        torch.testing.assert_close(logits[i], ref, atol=1e-4, rtol=0)
+
+
+def test_delta_tables_assign_and_release_rows():
+    class T:  # any object stands for a tenant
+        pass
+
+    tables = tk.DeltaTables("cpu")
+    a, b = T(), T()
+    assert tables.row(None) == tk.BASE_ROW == 0
+    ra, rb = tables.row(a), tables.row(b)
+    assert {ra, rb} == {1, 2} and tables.row(a) == ra
+    v = tables.version
+    del a
+    import gc
+
+    gc.collect()
+    assert tables.version > v and set(tables.owners()) == {rb}
+    c = T()
+    assert tables.row(c) == ra and tables.capacity == 3
