@@ -489,7 +489,7 @@ class TenantLayer(nn.Module):
             trow = ctx.plans.get("rows_per_batch_row")
             if trow is None:
                 per_row = [r for r, (_, sl) in zip(rows, ctx.groups) for _ in range(sl.stop - sl.start)]
-                trow = ctx.plans["rows_per_batch_row"] = torch.tensor(per_row, dtype=torch.int32).to(x.device)
+                trow = ctx.plans["rows_per_batch_row"] = tk.metadata_tensor(per_row, x.device, torch.int32)
             return tk.launch_embedding(x.expand(B, *x.shape[1:]) if x.shape[0] != B else x, w, table.table, trow)
         conv = self.kernel is not _linear  # GPT-2 Conv1D: weight (in, out)
         K, width = x.shape[-1], w.shape[1 if conv else 0]

@@ -268,7 +268,7 @@ def position_map(index: torch.Tensor, rows: int) -> torch.Tensor:
     return pos
 
 
-def _to_device(values: list[int], device: torch.device, dtype=torch.int64) -> torch.Tensor:
+def metadata_tensor(values: list[int], device: torch.device, dtype=torch.int64) -> torch.Tensor:
     """A small metadata tensor on ``device`` without a host sync (pinned copy on CUDA)."""
     host = torch.tensor(values, dtype=dtype)
     if device.type != "cuda":
@@ -380,7 +380,7 @@ def make_plan(spans: Sequence[tuple[int, int]], device: torch.device | str, grou
         tg += [len(spans)] * (pad_tiles_to - n)
         tr += [0] * (pad_tiles_to - n)
     G1 = len(spans) + 1
-    meta = _to_device(tg + tr + [e for _, e in spans] + [0] + group_rows + [0], device, torch.int32)
+    meta = metadata_tensor(tg + tr + [e for _, e in spans] + [0] + group_rows + [0], device, torch.int32)
     T = len(tg)
     return TilePlan(spans, bm, meta[:T], meta[T:2 * T], meta[2 * T:2 * T + G1], meta[2 * T + G1:], T)
 
@@ -457,7 +457,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, groups: Sequence, *, t
     spans = tuple((g.start, g.end) for g in groups)
     if plan is None or plan.spans != spans:
         plan = make_plan(spans, x.device)
-    table = _to_device(entries + [0, 0, 0, 0], x.device).view(-1, 4)  # + a zero row
+    table = metadata_tensor(entries + [0, 0, 0, 0], x.device).view(-1, 4)  # + a zero row
     launch_linear(x, weight, out, table, plan, transposed=transposed, has_bias=has_bias == {True}, **launch)
     del keep  # the tensors the table points into lived until the launch was queued
     return out
@@ -505,8 +505,8 @@ def grouped_embedding(ids: torch.Tensor, weight: torch.Tensor, groups: Sequence,
         covered = g.end
         entries += table_entry(DeltaGroup(g.start, g.end, g.signs, g.scale, g.index), weight, weight.dtype, keep)
         row_trow[g.start:g.end] = [i + 1] * (g.end - g.start)
-    table = _to_device(entries, ids.device).view(-1, 4)
-    out = launch_embedding(ids, weight, table, _to_device(row_trow, ids.device, torch.int32), block_d)
+    table = metadata_tensor(entries, ids.device).view(-1, 4)
+    out = launch_embedding(ids, weight, table, metadata_tensor(row_trow, ids.device, torch.int32), block_d)
     del keep
     return out
 

@@ -176,8 +176,8 @@ def test_gpu_engine_mixed_batch_matches_apply(gpu_setup, arch, dtype, atol, monk
 
     base, arts, refs = gpu_setup[arch]
     launches = []
-    real = tk.grouped_linear
-    monkeypatch.setattr(tk, "grouped_linear", lambda *a, **k: launches.append(len(a[2])) or real(*a, **k))
+    real = tk.launch_linear
+    monkeypatch.setattr(tk, "launch_linear", lambda *a, **k: launches.append(len(a[4].spans)) or real(*a, **k))
     eng = MultiTenantEngine(base, device="cuda", dtype=dtype, triton_kernel=True)
     for n, a in arts.items():
         eng.register(n, a)
@@ -192,5 +192,5 @@ def test_gpu_engine_mixed_batch_matches_apply(gpu_setup, arch, dtype, atol, monk
         with torch.no_grad():
             ref = refs[n](input_ids=ids[i:i + 1], attention_mask=mask[i:i + 1]).logits[0]
         torch.testing.assert_close(logits[i, : ref.shape[0]], ref, atol=atol, rtol=0, msg=f"{arch} {dtype} row {i}")
-    assert launches and max(launches) == 4  # all groups of a layer in one launch
+    assert launches and max(launches) == 4  # all groups of a layer (three tenants + base) in one launch
     assert eng.memory_report()["cache_bytes"] == 0
