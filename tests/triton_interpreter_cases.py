@@ -270,3 +270,15 @@ def test_delta_tables_assign_and_release_rows():
     assert tables.version > v and set(tables.owners()) == {rb}
     c = T()
     assert tables.row(c) == ra and tables.capacity == 3
+
+
+def test_triton_layer_benchmark_smoke(tmp_path, monkeypatch):
+    """benchmarks.triton_layer runs end to end (tiny shapes; on a GPU it times the real ones)."""
+    from benchmarks import triton_layer
+
+    monkeypatch.setenv("BENCH_OUT", str(tmp_path))
+    s = triton_layer.main(["--device", "cpu", "--shapes", "40x24", "--groups", "1", "3", "--tokens", "37",
+                           "--reps", "1"])
+    assert [r["groups"] for r in s["rows"]] == [1, 3]
+    assert all(r["max_rel_err"] < 2e-3 for r in s["rows"])  # fp16 merged-weight reference
+    assert (tmp_path / "triton_layer.md").read_text().count("\n") == 4
