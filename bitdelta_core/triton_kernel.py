@@ -30,9 +30,11 @@ Layouts
   engine keeps their ``index`` (stored rows, ascending). The kernel reads an int32 *position
   map* ``pos[r]`` (the stored position of row ``r``, or -1), built once per index tensor and
   cached: a row with ``pos = -1`` contributes a zero delta (its output is the base's).
-* per-group metadata (one launch covers all groups): int64 tables of device addresses of each
-  group's signs, scales, position map and bias (0 = none), and per row tile its group and first
-  row (:class:`TilePlan`, shared by every layer of a forward).
+* metadata (one launch covers all groups): a table per layer, int64 (rows, 4), one row per
+  tenant (row 0: the base) with the device addresses of its signs, scales, position map and
+  bias for that layer (0 = none; :class:`LayerTable`, written once per tenant); and a
+  :class:`TilePlan` per forward: per row tile its group and first row, per group its end row
+  and table row (shared by every layer of a forward).
 
 Launch grid: ``(row tiles, cdiv(N, BLOCK_N))`` where the row tiles are ``cdiv(e_g - s_g, BLOCK_M)``
 per group (an empty group has none); a :class:`TilePlan` may be padded to a fixed number of
