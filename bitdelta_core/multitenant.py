@@ -268,7 +268,8 @@ class BatchContext:
     # path that runs all groups of a Linear layer as one batched matmul (few kernel launches)
     pad_index: tuple[torch.Tensor, torch.Tensor] | None = None
     rmax: int = 0
-    # Triton path: tile plans (bitdelta_core.triton_kernel.TilePlan) by row spans, shared by layers
+    # Triton path, built once per forward and shared by layers: each group's table row, tile
+    # plans (bitdelta_core.triton_kernel.TilePlan) per row layout, the embeddings' row map
     plans: dict = field(default_factory=dict)
 
 
