@@ -496,17 +496,17 @@ class TenantLayer(nn.Module):
         K, width = x.shape[-1], w.shape[1 if conv else 0]
         if x.dtype != w.dtype or K != w.shape[0 if conv else 1] or x.numel() == 0:
             return None
+        M = x.numel() // K
         if len(ctx.groups) == 1:  # the whole input is one group, whatever its leading dims
             per_row = None
-            spans = [(0, x.numel() // K)]
         elif x.dim() >= 2 and x.shape[0] == B:
-            per_row = x[0].numel() // K  # tokens per batch row
-            spans = [(sl.start * per_row, sl.stop * per_row) for _, sl in ctx.groups]
+            per_row = M // B  # tokens per batch row
         else:
             return None
-        key = ("plan", per_row, spans[-1][1])
+        key = ("plan", per_row, M)
         plan = ctx.plans.get(key)
         if plan is None:
+            spans = [(0, M)] if per_row is None else [(sl.start * per_row, sl.stop * per_row) for _, sl in ctx.groups]
             plan = ctx.plans[key] = tk.make_plan(spans, x.device, rows)
         x2 = x.reshape(-1, K)
         if x2.stride(1) != 1:

@@ -214,15 +214,20 @@ _jit_lock = threading.Lock()
 _jitted: dict[str, object] = {}
 
 
+_interpreting: list[bool] = []
+
+
 def interpreting() -> bool:
     """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1``, read by Triton when
-    it is imported: set it before the first ``import triton`` of the process)."""
-    try:
-        from triton import knobs
+    it is imported: set it before the first ``import triton`` of the process). Read once."""
+    if not _interpreting:
+        try:
+            from triton import knobs
 
-        return bool(knobs.runtime.interpret)
-    except (ImportError, AttributeError):  # pragma: no cover - older triton 3.x
-        return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in {"1", "true", "on", "yes"}
+            _interpreting.append(bool(knobs.runtime.interpret))
+        except (ImportError, AttributeError):  # pragma: no cover - older triton 3.x
+            _interpreting.append(os.environ.get("TRITON_INTERPRET", "0").strip().lower() in {"1", "true", "on", "yes"})
+    return _interpreting[0]
 
 
 def _kernel(name: str):
