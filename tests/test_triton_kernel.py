@@ -78,6 +78,7 @@ print("ok")
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_cpu_tensors_outside_the_interpreter_are_refused():
+    """Without the interpreter, CPU tensors and a CPU engine asking for the kernel get a clear error."""
     code = r"""
 import torch
 from bitdelta_core import triton_kernel as tk
@@ -87,6 +88,16 @@ try:
     raise SystemExit("no error")
 except tk.TritonUnavailableError as e:
     assert "TRITON_INTERPRET=1" in str(e)
+import pathlib, tempfile
+from bitdelta_core.multitenant import MultiTenantEngine
+from tenant_fixtures import save_tiny_base
+base = save_tiny_base(pathlib.Path(tempfile.mkdtemp()) / "base", "bert")
+assert MultiTenantEngine(base, cpu_kernel=False)._triton is None  # CPU: never by default
+try:
+    MultiTenantEngine(base, triton_kernel=True, self_check=False)
+    raise SystemExit("no error")
+except tk.TritonUnavailableError as e:
+    assert "CUDA" in str(e)
 print("ok")
 """
     env = _env()
