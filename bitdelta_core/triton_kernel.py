@@ -63,12 +63,16 @@ from .errors import EngineError
 
 logger = logging.getLogger(__name__)
 
+_IMPORT_ERROR = ""
 try:  # optional dependency
     import triton
     import triton.language as tl
-except ImportError:  # pragma: no cover - exercised where triton is not installed
+except Exception as e:  # noqa: BLE001 - not installed, or a broken install: the engine runs without it
     triton = None
     tl = None
+    _IMPORT_ERROR = f"{type(e).__name__}: {e}"
+    if not isinstance(e, ImportError):
+        logger.warning("triton failed to import (%s); the Triton kernels are off", _IMPORT_ERROR)
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -94,7 +98,7 @@ def usable(device: torch.device | str) -> bool:
 
 def unavailable_reason(device: torch.device | str) -> str:
     if not available():
-        return "triton is not installed (pip install 'bitdelta-serve[gpu]')"
+        return f"triton is not installed (pip install 'bitdelta-serve[gpu]'): {_IMPORT_ERROR}"
     if torch.device(device).type != "cuda":
         return f"the Triton kernel runs on CUDA devices, not {torch.device(device).type}"
     if not torch.cuda.is_available():
