@@ -11,8 +11,15 @@ For each base (MiniLM-L6, a BERT-base-sized config), T tenants and a popularity 
   (cg) a stronger swap baseline than (c): the batch grouped by tenant first,
       one swap and one forward per tenant group
   (d) this engine: one base + packed deltas, one forward for the whole mixed batch (with the
-      compiled CPU kernel where it builds; ``--no-cpu-kernel`` turns it off)
-  (d0) the engine on its plain PyTorch path (no compiled kernel), for comparison
+      compiled CPU kernel where it builds; ``--no-cpu-kernel`` turns it off; on CUDA the
+      one-launch Triton kernels, ``--no-triton`` turns them off)
+  (d0) the engine on its plain PyTorch path (CPU: no compiled kernel; CUDA: the stacked
+      ``baddbmm`` path over merged weights instead of the Triton kernels), for comparison
+
+On CUDA (``--device cuda``, fp16 by default) it also reports device memory: the bytes each
+tenant adds once registered (``torch.cuda.memory_allocated`` around registration) over its
+artifact's size, and each method's peak extra memory during a forward
+(``torch.cuda.max_memory_allocated``). ``benchmarks/gpu_check.sh`` runs the GPU matrix.
 
 Tenants are synthetic fine-tunes (base + noise at a fine-tuning-like magnitude on every tensor,
 embedding rows only where SST-2 training sentences would touch them, as real fine-tunes do);
@@ -179,8 +186,8 @@ def on_device(art: DeltaArtifact, device) -> DeltaArtifact:
     return dataclasses.replace(art, tensors=tensors)
 
 
-def dense_model(base: LoadedModel, art: DeltaArtifact, device="cpu") -> torch.nn.Module:
-    m = copy.deepcopy(base.module).to(device)
+def dense_model(base: LoadedModel, art: DeltaArtifact, device="cpu", dtype=torch.float32) -> torch.nn.Module:
+    m = copy.deepcopy(base.module).to(device=device, dtype=dtype)
     state = m.state_dict()
     with torch.no_grad():
         for name, e in art.tensors.items():
@@ -208,6 +215,42 @@ def timed_interleaved(fns: dict, reps: int, device="cpu") -> dict:
             sync(device)
             times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def forward_peak(fn, device) -> int | None:
+    """Peak device bytes allocated during ``fn(0)`` above what was allocated before (CUDA only)."""
+    if torch.device(device).type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn(0)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def register_all(eng, names, arts, device, shared, key) -> None:
+    """Register the tenants not yet in ``eng``; on CUDA add the device bytes they take to
+    ``shared[key]``: memory_allocated after minus before, the new tenants having each served a
+    row (what a tenant adds on its first batch, e.g. the Triton path's table rows and position
+    maps, counts; the working-weight cache is reported apart)."""
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        cache_before = eng.memory_report()["cache_bytes"]
+    new = [n for n in names if n not in eng]
+    for n, a in zip(names, arts):
+        if n not in eng:
+            eng.register(n, a)
+    if cuda:
+        for i in range(0, len(new), 64):
+            chunk = new[i:i + 64]
+            ids = torch.randint(1000, 2000, (len(chunk), 8), device=device)
+            eng.forward({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, chunk)
+        torch.cuda.synchronize()
+        cache = eng.memory_report()["cache_bytes"] - cache_before
+        shared[key] = shared.get(key, 0) + torch.cuda.memory_allocated() - before - cache
 
 
 def run_config(base_path: Path, label: str, T: int, law: str, args, shared) -> dict:
@@ -272,35 +315,40 @@ def run_config(base_path: Path, label: str, T: int, law: str, args, shared) -> d
 
     # (d) the engine
     eng = shared["engine"]
-    for n, a in zip(names, arts):
-        if n not in eng:
-            eng.register(n, a)
+    register_all(eng, names, arts, args.device, shared, "engine_dev_bytes")
 
     def run_d(r):
         eng.forward(enc, [names[a] for a in assign[r]])
 
     eng0 = shared.get("engine_plain")
     if eng0 is not None:
-        for n, a in zip(names, arts):
-            if n not in eng0:
-                eng0.register(n, a)
+        register_all(eng0, names, arts, args.device, shared, "engine_plain_dev_bytes")
 
     def run_d0(r):
         eng0.forward(enc, [names[a] for a in assign[r]])
 
     fns = {"a": run_a, "b": run_b, "c": run_c, "cg": run_cg, "d": run_d, "d0": run_d0 if eng0 is not None else None}
+    fns = {k: (f if k == "d" or k in args.baselines else None) for k, f in fns.items()}
     res = timed_interleaved({k: f for k, f in fns.items() if f is not None}, args.reps, args.device)
+    if torch.device(args.device).type == "cuda":
+        for k in ("a", "d", "d0"):
+            out[f"{k}_forward_peak_bytes"] = forward_peak(fns[k], args.device) if fns[k] is not None else None
+        out["dev_bytes_per_tenant"] = round(shared.get("engine_dev_bytes", 0) / T)
+        if eng0 is not None:
+            out["d0_dev_bytes_per_tenant"] = round(shared.get("engine_plain_dev_bytes", 0) / T)
     for k in fns:
         out[f"{k}_s"] = res.get(k)
     mem = eng.memory_report()
     out["pool_bytes"] = sum(mem["tenants"][n]["packed"] for n in names)
     out["cache_bytes"] = mem["cache_bytes"]
     out["cpu_kernel"] = eng._kernel is not None
+    out["triton_kernel"] = mem.get("triton_kernel", False)
+    out["d0_cache_bytes"] = eng0.memory_report()["cache_bytes"] if eng0 is not None else None
     for k in fns:
         s = out[f"{k}_s"]
         out[f"{k}_seq_per_s"] = round(B / s, 2) if s else None
     for k in ("a", "b", "c", "cg", "d0"):
-        out[f"d_over_{k}"] = round(out[f"{k}_s"] / out["d_s"], 3) if out[f"{k}_s"] else None
+        out[f"d_over_{k}"] = round(out[f"{k}_s"] / out["d_s"], 3) if out.get(f"{k}_s") else None
     log.info("%s", out)
     return out
 
@@ -317,6 +365,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-dense-gb", type=float, default=8.0, help="skip (b) above this many GB of dense models")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or mps")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                    help="compute dtype of every method (default: float16 on CUDA, float32 elsewhere)")
+    ap.add_argument("--baselines", nargs="*", default=["a", "b", "c", "cg", "d0"], choices=["a", "b", "c", "cg", "d0"],
+                    help="which methods besides (d) to run")
+    ap.add_argument("--no-triton", action="store_true", help="run (d) on CUDA without the Triton kernels")
     ap.add_argument("--no-cpu-kernel", action="store_true", help="run (d) without the compiled CPU kernel")
     ap.add_argument("--no-plain", action="store_true", help="skip (d0), the engine without the compiled kernel")
     ap.add_argument("--rows", choices=["seen", "all"], default="seen",
@@ -327,6 +380,9 @@ def main(argv=None) -> dict:
         args.models, args.tenants, args.reps, args.batch, args.seq = ["minilm"], [1, 4], 1, 8, 32
     if args.threads:
         torch.set_num_threads(args.threads)
+    cuda = torch.device(args.device).type == "cuda"
+    args.dtype = args.dtype or ("float16" if cuda else "float32")
+    dtype = getattr(torch, args.dtype)
     cache = RESULTS / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -340,22 +396,28 @@ def main(argv=None) -> dict:
             "base": base,
             "arts": arts,
             "max_dense": max_dense,
-            "dense": [dense_model(base, a, args.device) for a in arts[: min(Tmax, max_dense)]],
-            "work": copy.deepcopy(base.module).to(args.device).eval(),
+            "dense": [dense_model(base, a, args.device, dtype) for a in arts[: min(Tmax, max_dense)]],
+            "work": copy.deepcopy(base.module).to(device=args.device, dtype=dtype).eval(),
             "dev_arts": [on_device(a, args.device) for a in arts],
             "base_dev": {k: v.to(args.device) for k, v in base.state.items()},
-            "engine": MultiTenantEngine(base_path, device=args.device, cache_bytes=int(args.cache_gb * 2**30),
-                                        cpu_kernel=False if args.no_cpu_kernel else None),
+            "engine": MultiTenantEngine(base_path, device=args.device, dtype=args.dtype,
+                                        cache_bytes=int(args.cache_gb * 2**30),
+                                        cpu_kernel=False if args.no_cpu_kernel else None,
+                                        triton_kernel=False if args.no_triton else None),
         }
-        if not (args.no_plain or args.no_cpu_kernel) and shared["engine"]._kernel is not None:
-            shared["engine_plain"] = MultiTenantEngine(base_path, device=args.device, cpu_kernel=False,
-                                                       cache_bytes=int(args.cache_gb * 2**30))
+        plain = ((shared["engine"]._kernel is not None and not args.no_cpu_kernel)
+                 or (shared["engine"]._triton is not None and not args.no_triton))
+        if not args.no_plain and "d0" in args.baselines and plain:
+            shared["engine_plain"] = MultiTenantEngine(base_path, device=args.device, dtype=args.dtype, cpu_kernel=False,
+                                                       triton_kernel=False, cache_bytes=int(args.cache_gb * 2**30))
         art_bytes = len(arts[0].to_bytes())
         for T in args.tenants:
             for law in (["uniform"] if T == 1 else ["uniform", "zipf"]):
                 r = run_config(base_path, label, T, law, args, shared)
                 r["artifact_bytes"] = art_bytes
                 r["pool_bytes_per_tenant_over_artifact"] = round(r["pool_bytes"] / T / art_bytes, 3)
+                if "dev_bytes_per_tenant" in r:
+                    r["dev_bytes_per_tenant_over_artifact"] = round(r["dev_bytes_per_tenant"] / art_bytes, 3)
                 rows.append(r)
         del shared
         gc.collect()
@@ -375,9 +437,21 @@ def main(argv=None) -> dict:
                   f"{r['d_over_c']} | {r['d_over_cg']} | {r['d_over_d0'] or '-'} | "
                   f"{r['pool_bytes_per_tenant_over_artifact']} |")
     (out_dir / f"{name}.md").write_text("\n".join(md) + "\n")
+    machine = f"{os.cpu_count()} CPU cores"
+    if cuda:
+        machine = f"{torch.cuda.get_device_name()} ({machine})"
+        md += ["", "| model | T | law | device B/tenant ÷ artifact (d) | (d0) stacked | forward peak extra MB: (a) | (d) | (d0) |",
+               "|---|---|---|---|---|---|---|---|"]
+        mb = lambda v: "-" if v is None else f"{v / 1e6:.1f}"  # noqa: E731
+        for r in rows:
+            d0 = r.get("d0_dev_bytes_per_tenant")
+            md.append(f"| {r['model']} | {r['tenants']} | {r['law']} | {r.get('dev_bytes_per_tenant_over_artifact')} | "
+                      f"{'-' if d0 is None else round(d0 / r['artifact_bytes'], 3)} | {mb(r.get('a_forward_peak_bytes'))} | "
+                      f"{mb(r.get('d_forward_peak_bytes'))} | {mb(r.get('d0_forward_peak_bytes'))} |")
+        (out_dir / f"{name}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     summary = {"benchmark": "engine_throughput", "torch_threads": torch.get_num_threads(), "device": args.device,
-               "machine": f"{os.cpu_count()} CPU cores", "rows": rows}
+               "dtype": args.dtype, "machine": machine, "rows": rows}
     print(json.dumps(summary))
     return summary
 

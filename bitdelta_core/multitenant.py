@@ -20,6 +20,10 @@ leaf module of the base model is wrapped once (:class:`TenantLayer`); in the for
   multiplied right away, so no ``W_t`` is ever materialised and the base weight is read once
   per layer, not once per tenant (same values as the merged path; faster than even cached
   merged weights on the 2-core benchmark machine).
+* on CUDA with the optional Triton kernels (:mod:`.triton_kernel`), every Linear/Conv1D and
+  embedding runs all groups of the batch in one launch: the base product plus each group's
+  ``α ⊙ sign(Δ)`` unpacked from the packed bits in the kernel, no merged weight on the device
+  (``triton_kernel=False`` or ``BITDELTA_TRITON=0``: the stacked ``baddbmm`` path instead).
 
 Everything that is not a parameterised leaf (attention, activations, pooling) runs once for
 the whole batch. Heads may differ per tenant (``num_labels``, label names, problem type): the
@@ -264,6 +268,9 @@ class BatchContext:
     # path that runs all groups of a Linear layer as one batched matmul (few kernel launches)
     pad_index: tuple[torch.Tensor, torch.Tensor] | None = None
     rmax: int = 0
+    # Triton path, built once per forward and shared by layers: each group's table row, tile
+    # plans (bitdelta_core.triton_kernel.TilePlan) per row layout, the embeddings' row map
+    plans: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,6 +346,13 @@ class TenantLayer(nn.Module):
         self.fused = (engine._kernel is not None and self.kernel in _STACKABLE and base.weight.dim() == 2
                       and base.weight.shape[1] % 8 == 0 and base.weight.dtype == torch.float32
                       and base.weight.is_contiguous())
+        # Linear/Conv1D/Embedding run through the one-launch Triton kernels (CUDA) when enabled
+        self.triton = engine._triton is not None and (
+            (self.kernel in _STACKABLE and base.weight.dim() == 2)
+            or (type(base) is nn.Embedding and base.max_norm is None))
+        self._table = (engine._triton.LayerTable(engine._triton_tables, base.weight.detach(),
+                                                 getattr(base, "bias", None), self._triton_entry)
+                       if self.triton else None)
 
     def __getattr__(self, name: str):
         # code that reads e.g. ``layer.weight`` directly sees the base module's attribute
@@ -353,6 +367,10 @@ class TenantLayer(nn.Module):
             return self.base(*args, **kwargs)
         if not any(s in ctx.tenants and self.name in ctx.tenants[s].layers for s, _ in ctx.groups):
             return self.base(*args, **kwargs)
+        if self.triton and not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor):
+            y = self._triton_forward(args[0], ctx)
+            if y is not None:
+                return y
         if isinstance(self.base, nn.Embedding):
             return self._embedding(args[0], ctx)
         B = ctx.batch_size
@@ -431,6 +449,114 @@ class TenantLayer(nn.Module):
         if fused:
             cpu_kernel_mod.signed_linear_groups(self._engine[0]._kernel, x2.contiguous(), o2,
                                                 self.base.weight.detach(), fused, transposed=conv)
+        return out
+
+    # -- Triton path (CUDA; bitdelta_core.triton_kernel) -----------------------------------
+    def _triton_entry(self, tenant: "Tenant"):
+        """This layer's table entry for a tenant: its 1-bit weight and bias (``None``: the base's),
+        or ``"dense"`` for a replacement weight (heads), which the kernel does not cover."""
+        d = tenant.layers.get(self.name, {})
+        wd, bd = d.get("weight"), d.get("bias")
+        if (wd is not None and wd.kind != "sign") or (bd is not None and bd.kind != "dense"):
+            return "dense"
+        if wd is None and bd is None:
+            return None
+        bias = getattr(self.base, "bias", None) if bd is None else bd.dense
+        if wd is None:
+            return self._engine[0]._triton.DeltaGroup(0, 0, bias=bias)
+        return self._engine[0]._triton.DeltaGroup(0, 0, wd.sign.signs, wd.sign.scale, wd.index, bias)
+
+    def _triton_forward(self, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor | None:
+        """The layer for every group in one Triton launch (:mod:`.triton_kernel`): the base weight
+        plus each group's ``α ⊙ sign(Δ)`` unpacked in the kernel, no merged weight. Per layer the
+        host only launches: the tenants' delta addresses sit in the layer's device table (written
+        once per tenant) and the forward's tile plan is shared by all layers. None (the caller's
+        paths run) where the kernel does not apply: another dtype, an input not per batch row."""
+        engine = self._engine[0]
+        tk = engine._triton
+        rows = ctx.plans.get("rows")
+        if rows is None:  # each group's table row, once per forward
+            rows = ctx.plans["rows"] = [engine._triton_tables.row(None if slot == BASE_SLOT else ctx.tenants[slot])
+                                        for slot, _ in ctx.groups]
+        table = self._table
+        table.sync()
+        if table.dense_rows and not table.dense_rows.isdisjoint(rows):
+            return self._triton_groups(x, ctx)  # tenants with their own weight here (heads)
+        w = table.weight
+        B = ctx.batch_size
+        if isinstance(self.base, nn.Embedding):
+            if x.dim() < 1 or x.shape[0] not in (1, B) or x.is_floating_point():
+                return None
+            trow = ctx.plans.get("rows_per_batch_row")
+            if trow is None:
+                per_row = [r for r, (_, sl) in zip(rows, ctx.groups) for _ in range(sl.stop - sl.start)]
+                trow = ctx.plans["rows_per_batch_row"] = tk.metadata_tensor(per_row, x.device, torch.int32)
+            return tk.launch_embedding(x.expand(B, *x.shape[1:]) if x.shape[0] != B else x, w, table.table, trow)
+        conv = self.kernel is not _linear  # GPT-2 Conv1D: weight (in, out)
+        K, width = x.shape[-1], w.shape[1 if conv else 0]
+        if x.dtype != w.dtype or K != w.shape[0 if conv else 1] or x.numel() == 0:
+            return None
+        M = x.numel() // K
+        if len(ctx.groups) == 1:  # the whole input is one group, whatever its leading dims
+            per_row = None
+        elif x.dim() >= 2 and x.shape[0] == B:
+            per_row = M // B  # tokens per batch row
+        else:
+            return None
+        key = ("plan", per_row, M)
+        plan = ctx.plans.get(key)
+        if plan is None:
+            spans = [(0, M)] if per_row is None else [(sl.start * per_row, sl.stop * per_row) for _, sl in ctx.groups]
+            plan = ctx.plans[key] = tk.make_plan(spans, x.device, rows)
+        x2 = x.reshape(-1, K)
+        if x2.stride(1) != 1:
+            x2 = x2.contiguous()
+        out = x.new_empty((*x.shape[:-1], width))
+        tk.launch_linear(x2, w, out.view(-1, width), table.table, plan, transposed=conv,
+                         has_bias=getattr(self.base, "bias", None) is not None)
+        return out
+
+    def _triton_groups(self, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor | None:
+        """:meth:`_triton_forward` for a layer where some tenants bring their own dense weight
+        (classification heads): the kernel runs the other groups, those tenants an ordinary GEMM
+        on their rows. None for heads of different widths and embeddings (other paths run)."""
+        if isinstance(self.base, nn.Embedding):
+            return None
+        tk = self._engine[0]._triton
+        w = self.base.weight.detach()
+        B = ctx.batch_size
+        conv = self.kernel is not _linear
+        K, width = x.shape[-1], w.shape[1 if conv else 0]
+        if len(ctx.groups) == 1:
+            spans = [(0, x.numel() // K)]
+        elif x.dim() >= 2 and x.shape[0] == B:
+            per_row = x[0].numel() // K
+            spans = [(sl.start * per_row, sl.stop * per_row) for _, sl in ctx.groups]
+        else:
+            return None
+        groups, dense = [], []
+        for (slot, _), (s, e) in zip(ctx.groups, spans):
+            entry = None if slot == BASE_SLOT else self._triton_entry(ctx.tenants[slot])
+            if entry == "dense":
+                d = ctx.tenants[slot].layers[self.name]
+                wd, bd = d.get("weight"), d.get("bias")
+                if wd is None or wd.kind != "dense" or wd.dense.shape != w.shape:
+                    return None
+                dense.append((s, e, wd.dense, self.base.bias if bd is None else bd.dense))
+                groups.append(tk.DeltaGroup(s, s, bias=self.base.bias))
+            else:
+                groups.append(entry or tk.DeltaGroup(s, e, bias=self.base.bias))
+                groups[-1].start, groups[-1].end = s, e
+        x2 = x.reshape(-1, K)
+        out = x.new_empty((*x.shape[:-1], width))
+        o2 = out.view(-1, width)
+        tk.grouped_linear(x2, w, groups, transposed=conv, out=o2)
+        for s, e, wt, b in dense:
+            wt = wt if conv else wt.t()
+            if b is None:
+                torch.mm(x2[s:e], wt, out=o2[s:e])
+            else:
+                torch.addmm(b, x2[s:e], wt, out=o2[s:e])
         return out
 
     def _stacked(self, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor | None:
@@ -559,6 +685,7 @@ class MultiTenantEngine:
         self_check: bool = True,
         stacked: bool | None = None,
         cpu_kernel: bool | None = None,
+        triton_kernel: bool | None = None,
     ):
         if dtype not in _DTYPES:
             raise InvalidInputError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
@@ -577,6 +704,10 @@ class MultiTenantEngine:
             elif cpu_kernel:
                 raise cpu_kernel_mod.KernelUnavailableError(
                     f"the compiled kernel runs float32 on CPU only, not {dtype} on {self.device}")
+        # one-launch Triton kernels (optional dependency): None = use them on CUDA when triton
+        # imports, unless BITDELTA_TRITON=0; True = require them; False = never
+        self._triton = self._triton_module(triton_kernel)
+        self._triton_tables = self._triton.DeltaTables(self.device) if self._triton is not None else None
         if isinstance(base, nn.Module):
             loaded = load_model(base)
             self.architecture = type(base).__name__
@@ -612,9 +743,25 @@ class MultiTenantEngine:
             self._self_check()
         logger.info("engine ready: %s (%s) on %s/%s, %.1f MB base, %s", self.architecture, self.base_name,
                     self.device, dtype, self.base_bytes / 1e6,
-                    "compiled CPU kernel" if self._kernel is not None else "plain PyTorch layers")
+                    "compiled CPU kernel" if self._kernel is not None else
+                    "Triton kernels" if self._triton is not None else "plain PyTorch layers")
 
     # -- construction helpers ----------------------------------------------------------------
+    def _triton_module(self, wanted: bool | None):
+        if wanted is False or (wanted is None and self.device.type != "cuda"):
+            return None
+        from . import triton_kernel as tk
+
+        if wanted is None and not tk.env_enabled():
+            return None
+        # CPU tensors run the kernels only under Triton's interpreter (the tests use it)
+        if tk.usable(self.device) or (wanted and self.device.type == "cpu" and tk.available() and tk.interpreting()):
+            return tk
+        if wanted:
+            raise tk.TritonUnavailableError(f"the Triton kernel cannot run here: {tk.unavailable_reason(self.device)}")
+        logger.info("Triton kernel unavailable (%s); using the stacked PyTorch path", tk.unavailable_reason(self.device))
+        return None
+
     @staticmethod
     def _seqcls_class(base) -> type:
         from transformers import AutoConfig, AutoModelForSequenceClassification
@@ -975,7 +1122,7 @@ class MultiTenantEngine:
         ctx = BatchContext(B, groups, by_slot)
         if perm != list(range(B)):
             ctx.perm = torch.tensor(perm, device=self.device)
-        if self.stacked and len(groups) >= 3:
+        if self.stacked and self._triton is None and len(groups) >= 3:
             g_idx = [g for g, (_, sl) in enumerate(groups) for _ in range(sl.stop - sl.start)]
             r_idx = [r for _, sl in groups for r in range(sl.stop - sl.start)]
             ctx.pad_index = (torch.tensor(g_idx, device=self.device), torch.tensor(r_idx, device=self.device))
@@ -987,7 +1134,8 @@ class MultiTenantEngine:
                 continue  # base rows, or a tenant removed/replaced since the request resolved it
             # with the fused kernel only large groups run on (cached) merged weights: one big GEMM
             # per layer beats the kernel's tiles there, and small groups never need the cache
-            large = self._kernel is None or len(rows) * tokens_per_row >= self.fused_max_tokens
+            # (the Triton kernel never needs merged weights)
+            large = self._triton is None and (self._kernel is None or len(rows) * tokens_per_row >= self.fused_max_tokens)
             if large and by_slot[s].merged_bytes and self._cache.admit(s, by_slot[s].merged_bytes, pinned):
                 ctx.admitted.add(s)
         return ctx
@@ -1033,6 +1181,7 @@ class MultiTenantEngine:
                 "cache_evictions": self._cache.evictions,
                 "cache_rejections": self._cache.rejections,
                 "cpu_kernel": self._kernel is not None,
+                "triton_kernel": self._triton is not None,
                 "tenants": tenants,
             }
 

@@ -41,6 +41,15 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 
+# Triton (the optional GPU kernels, extra "gpu"): the tests run its kernels under Triton's
+# interpreter on CPU too. A ~290 MB wheel (~1 GB installed), Linux x86-64/aarch64 only; never
+# fatal. BITDELTA_TRITON_INSTALL=0 skips it (its tests then skip).
+if [ "${BITDELTA_TRITON_INSTALL:-1}" != "0" ] && [ "$(uname -s)" = "Linux" ] && ! "$VPY" -c "import triton" >/dev/null 2>&1; then
+  echo "[setup] installing triton (optional GPU kernels; interpreter tests on CPU)"
+  pip_q "triton>=3.2"
+  "$VPY" -c "import triton" >/dev/null 2>&1 || echo "[setup] triton did not install; its tests will be skipped"
+fi
+
 # The optional compiled CPU kernel (bitdelta_core/cpu_kernel.py) is built once here, so a server
 # or test never waits ~30 s for it on its first batch. Never fatal: without a compiler the engine
 # runs plain PyTorch. BITDELTA_CPU_KERNEL=0 skips it.
