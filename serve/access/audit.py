@@ -7,7 +7,7 @@ the artifact registered or deleted), ``key_id`` (the key created or revoked), ``
 
 Appends are safe from many processes: the file is opened with ``O_APPEND`` and each line goes
 out in one ``write`` call while holding an exclusive ``flock`` on the file, so lines never
-interleave or tear. Entries are built from typed fields only (no free text, no request data),
+interleave or tear; a last line left without its newline by a crash is ended first. Entries are built from typed fields only (no free text, no request data),
 which is how a token or a key secret can never end up in the log. Readers skip a line that
 does not parse (e.g. cut short by a crash) and log it.
 """
@@ -74,11 +74,14 @@ class AuditLog:
         if entry["actor"] is None or entry["result"] is None:
             raise ValueError("audit entries need an actor and a result")
         line = (json.dumps(entry, sort_keys=True, separators=(",", ":")) + "\n").encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         try:
-            with os.fdopen(fd, "ab", buffering=0) as f:
+            with os.fdopen(fd, "a+b", buffering=0) as f:
                 _lock_file(f)
                 try:
+                    size = os.fstat(f.fileno()).st_size
+                    if size and (f.seek(size - 1), f.read(1))[1] != b"\n":
+                        line = b"\n" + line  # end a line cut short by a crash, so ours stays whole
                     n = os.write(f.fileno(), line)
                     if n != len(line):  # a short write on a regular file means the disk is full
                         raise OSError(f"short write to {self.path} ({n} of {len(line)} bytes)")
