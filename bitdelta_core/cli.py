@@ -434,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_core_commands(sub)
     add_data_commands(sub)
     add_serve_commands(sub)
+    from serve.access.cli import add_access_commands  # keys create/list/revoke, audit
+
+    add_access_commands(sub)
     return parser
 
 

@@ -129,7 +129,7 @@ class AccessControl:
             raise Unauthorized("admin endpoints need 'Authorization: Bearer <token>' with the right token")
         return Principal("admin")
 
-    def manager(self, authorization: str | None, model: str) -> Principal:
+    def manager(self, authorization: str | None, model: str | None) -> Principal:
         """The caller of a model registration/replacement/deletion of ``model``: the admin token, or
         an API key with ``manage`` whose scopes match ``model``.
 
@@ -139,11 +139,15 @@ class AccessControl:
         if token is not None and token.startswith(TOKEN_PREFIX):
             rec = self.keys.authenticate(token)
             if not rec.manage:
-                raise Forbidden(f"API key {rec.id} may not register or delete models (created without manage)")
-            if not rec.allows(model):
-                raise Forbidden(f"API key {rec.id} may not register or delete model names outside its scopes")
+                raise Forbidden(f"API key {rec.id} may not register or delete models (created without manage)", rec.id)
+            if model is not None and not rec.allows(model):
+                raise Forbidden(f"API key {rec.id} may not register or delete model names outside its scopes", rec.id)
             return Principal("key", rec)
         return self.admin(authorization)
+
+    def manager_precheck(self, authorization: str | None) -> Principal:
+        """:meth:`manager` before the model name is known (401/403 before an upload is read)."""
+        return self.manager(authorization, None)
 
     # ---- per request ------------------------------------------------------------------------------
     def check_rate(self, principal: Principal, inputs: int = 1) -> None:

@@ -29,8 +29,9 @@ class Forbidden(AccessError):
     """An authenticated API key asks for something its grant never allows (403); never used for a
     model name, which answers as unknown (404) instead."""
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, actor: str | None = None):
         super().__init__(403, "forbidden", message)
+        self.actor = actor  # the key id, for the audit trail
 
 
 class InvalidKeySpec(AccessError):

@@ -1,0 +1,357 @@
+"""Multi-tenant access over real HTTP: scoped API keys, revocation and expiry on every replica,
+per-key rate limits, the audit trail, the key/audit CLI, and bad input on the new endpoints.
+
+One local service (two replicas, tiny BERT base, real short fine-tunes) for the module; the
+tests run in file order: the service starts in open mode (no classify token, no key), which the
+first key closes.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import json
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from bitdelta_core import cli
+from bitdelta_core.compress import compress
+from serve import run
+from serve.config import ServeConfig
+from serve_helpers import ADMIN, AUTH, client, finetune, free_port, save_base, texts
+
+pytestmark = pytest.mark.slow
+
+REPLICAS = 2
+INPUTS = texts(2, seed=11)
+TOKENS: list[str] = []  # every key token handed out in this module: none may reach the audit trail
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve_access")
+    base = save_base(root / "base")
+    files = {}
+    for i, labels in enumerate((["neg", "pos"], ["x", "y", "z"])):
+        files[i] = root / f"d{i}.safetensors"
+        compress(base, finetune(base, root / f"ft{i}", labels, seed=60 + i), progress=False).save(files[i])
+    store = root / "store"
+    cfg = ServeConfig(base=str(base), store=str(store), admin_token=ADMIN, port=free_port(), num_replicas=REPLICAS,
+                      replica_num_cpus=0.25, max_wait_ms=2, max_inputs=16)
+    url = run.start(cfg, ray_num_cpus=2, wait_s=240)
+    with client(url) as c:
+        yield {"c": c, "url": url, "files": files, "store": store}
+    run.stop()
+
+
+def _bearer(token):
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _register(c, name, path, headers=AUTH, replace=False):
+    return c.post("/v1/models", data={"name": name, "replace": str(replace).lower()},
+                  files={"file": ("d.safetensors", path.read_bytes())}, headers=headers)
+
+
+def _create_key(c, **body):
+    r = c.post("/v1/keys", json=body, headers=AUTH)
+    assert r.status_code == 201, r.text
+    k = r.json()
+    TOKENS.append(k["token"])
+    return k
+
+
+def _classify(c, model, token, inputs=INPUTS):
+    return c.post("/v1/classify", json={"model": model, "inputs": inputs}, headers=_bearer(token))
+
+
+def _answer(r):
+    """What a caller can observe of an answer, but the per-request replica id."""
+    headers = {k: v for k, v in r.headers.items() if k not in ("date", "x-bitdelta-replica", "x-request-id")}
+    return r.status_code, r.content, sorted(headers.items()), "x-bitdelta-replica" in r.headers
+
+
+def _fanout(fn, n, workers=4):
+    with cf.ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(lambda _: fn(), range(n)))
+
+
+# =============================================================================================
+def test_open_mode_until_the_first_key(env):
+    c = env["c"]
+    for name, i in (("acme-a", 0), ("acme-b", 1), ("bob-a", 1)):
+        assert _register(c, name, env["files"][i]).status_code == 201
+    r = c.post("/v1/classify", json={"model": "acme-a", "inputs": INPUTS})  # no credential: open
+    assert r.status_code == 200, r.text
+    assert [m["name"] for m in c.get("/v1/models").json()["models"]] == ["acme-a", "acme-b", "bob-a"]
+    env["key_a"] = _create_key(c, name="tenant-a", scopes=["acme-*"])
+    env["key_b"] = _create_key(c, name="tenant-b", scopes=["bob-*"])
+    r = c.post("/v1/classify", json={"model": "acme-a", "inputs": INPUTS})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "unauthorized"
+    assert r.headers["www-authenticate"] == "Bearer"
+    assert c.get("/v1/models").status_code == 401
+    # the admin token reads everything
+    assert [m["name"] for m in c.get("/v1/models", headers=AUTH).json()["models"]] == ["acme-a", "acme-b", "bob-a"]
+    assert c.post("/v1/classify", json={"model": "bob-a", "inputs": INPUTS}, headers=AUTH).status_code == 200
+
+
+def test_key_cannot_see_or_infer_other_tenants_models(env):
+    c = env["c"]
+    ta, tb = env["key_a"]["token"], env["key_b"]["token"]
+    # key A's own models work and equal the admin's answers
+    r = _classify(c, "acme-a", ta)
+    assert r.status_code == 200
+    ref = c.post("/v1/classify", json={"model": "acme-a", "inputs": INPUTS}, headers=AUTH).json()["predictions"]
+    assert r.json()["predictions"] == ref
+    assert [m["name"] for m in c.get("/v1/models", headers=_bearer(ta)).json()["models"]] == ["acme-a", "acme-b"]
+    assert [m["name"] for m in c.get("/v1/models", headers=_bearer(tb)).json()["models"]] == ["bob-a"]
+
+    # what key A observes for 'bob-z' before it exists (truly unknown) ...
+    def observe():
+        return {"classify": _answer(_classify(c, "bob-z", ta)),
+                "get": _answer(c.get("/v1/models/bob-z", headers=_bearer(ta))),
+                "list": _answer(c.get("/v1/models", headers=_bearer(ta)))}
+
+    before = observe()
+    assert before["classify"][0] == 404 and before["get"][0] == 404
+    assert json.loads(before["classify"][1]) == {"error": {"type": "unknown_model",
+                                                           "message": "model 'bob-z' is not registered"}}
+    # ... is byte for byte what it observes once tenant B's 'bob-z' exists
+    assert _register(c, "bob-z", env["files"][0]).status_code == 201
+    assert _classify(c, "bob-z", tb).status_code == 200
+    after = observe()
+    assert after == before
+    # and an existing model of B answers like a name that never existed (the name aside)
+    hidden, unknown = _classify(c, "bob-a", ta), _classify(c, "bob-q", ta)
+    assert hidden.status_code == unknown.status_code == 404
+    assert hidden.content.replace(b"bob-a", b"bob-q") == unknown.content
+    assert _answer(hidden)[2:] == _answer(unknown)[2:]
+
+    # latency of a hidden vs an unknown model (printed, not asserted: the box is shared)
+    lat = {"hidden": [], "unknown": []}
+    for _ in range(15):
+        for kind, model in (("hidden", "bob-a"), ("unknown", "bob-q")):
+            t0 = time.perf_counter()
+            assert _classify(c, model, ta).status_code == 404
+            lat[kind].append(time.perf_counter() - t0)
+    print(f"\n404 latency median: hidden {statistics.median(lat['hidden']) * 1e3:.2f} ms, "
+          f"unknown {statistics.median(lat['unknown']) * 1e3:.2f} ms (15 each, interleaved)")
+
+
+def test_revoked_and_expired_keys_get_401_on_every_replica(env):
+    c = env["c"]
+    k = _create_key(c, name="short-lived", scopes=["acme-*"])
+    e = _create_key(c, name="expiring", scopes=["acme-*"], expires_in_s=4)
+    for key in (k, e):  # both work on both replicas first
+        seen = set()
+        for r in _fanout(lambda: _classify(c, "acme-a", key["token"]), 24):
+            assert r.status_code == 200, r.text
+            seen.add(r.headers["x-bitdelta-replica"])
+        assert len(seen) == REPLICAS, seen
+    r = c.delete(f"/v1/keys/{k['id']}", headers=AUTH)
+    assert r.status_code == 200 and r.json()["status"] == "revoked" and "token" not in r.json()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _classify(c, "acme-a", e["token"]).status_code == 200:
+        time.sleep(0.25)
+    for token in (k["token"], e["token"]):
+        answers = _fanout(lambda: _classify(c, "acme-a", token), 24) + \
+            _fanout(lambda: c.get("/v1/models", headers=_bearer(token)), 8) + \
+            _fanout(lambda: c.get("/v1/models/acme-a", headers=_bearer(token)), 8)
+        for r in answers:
+            assert r.status_code == 401 and r.json()["error"]["type"] == "unauthorized", r.text
+    statuses = {x["id"]: x["status"] for x in c.get("/v1/keys", headers=AUTH).json()["keys"]}
+    assert statuses[k["id"]] == "revoked" and statuses[e["id"]] == "expired"
+    assert statuses[env["key_a"]["id"]] == "active"
+
+
+def test_flood_from_one_key_is_throttled_other_key_unaffected(env):
+    c = env["c"]
+    rate, burst = 4.0, 4.0
+    flood = _create_key(c, name="flooder", scopes=["acme-*"], rate_limit={"requests_per_s": rate, "requests_burst": burst})
+    calm = _create_key(c, name="calm", scopes=["acme-*"])
+
+    def calm_latencies(n):
+        out = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            r = _classify(c, "acme-b", calm["token"])
+            out.append(time.perf_counter() - t0)
+            assert r.status_code == 200, r.text
+        return out
+
+    calm_latencies(5)  # warm
+    unloaded = calm_latencies(40)
+    # the flood comes from other processes (as other tenants' clients would), so the calm key's
+    # timings measure the service, not this process's threads competing for the GIL
+    flood_s, workers = 6.0, 2
+    script = textwrap.dedent(f"""
+        import json, time, httpx
+        codes, retry = [], []
+        stop = time.monotonic() + {flood_s}
+        with httpx.Client(base_url={env["url"]!r}, timeout=30) as c:
+            for _ in range(400):  # bounded in count and time
+                if time.monotonic() > stop:
+                    break
+                r = c.post("/v1/classify", json={{"model": "acme-a", "inputs": {INPUTS!r}}},
+                           headers={{"Authorization": "Bearer {flood['token']}"}})
+                codes.append(r.status_code)
+                if r.status_code == 429:
+                    assert r.json()["error"]["type"] == "rate_limited", r.text
+                    retry.append(int(r.headers["retry-after"]))
+        print(json.dumps({{"codes": codes, "retry": retry}}))
+    """)
+    t0 = time.monotonic()
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+             for _ in range(workers)]
+    time.sleep(0.5)  # let the flood start
+    loaded = calm_latencies(40)
+    codes, retry_after = [], []
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0
+        res = json.loads(out)
+        codes += res["codes"]
+        retry_after += res["retry"]
+    elapsed = time.monotonic() - t0
+    ok, limited = codes.count(200), codes.count(429)
+    assert set(codes) <= {200, 429} and limited > 0
+    assert set(retry_after) == {1}  # 1 token at 4/s: at most 0.25 s, rounded up to whole seconds
+    # the buckets are per replica: at most REPLICAS x (burst + rate x elapsed) pass
+    assert ok <= REPLICAS * (burst + rate * elapsed) + 1, (ok, elapsed)
+    p99 = lambda xs: sorted(xs)[max(0, int(round(0.99 * len(xs))) - 1)]  # noqa: E731
+    print(f"\nflood: {len(codes)} requests in {elapsed:.1f} s, {ok} passed, {limited} got 429 "
+          f"(limit {rate:g}/s burst {burst:g} per replica, {REPLICAS} replicas)")
+    print(f"calm key latency: unloaded p50 {statistics.median(unloaded) * 1e3:.1f} ms p99 {p99(unloaded) * 1e3:.1f} ms; "
+          f"during the flood p50 {statistics.median(loaded) * 1e3:.1f} ms p99 {p99(loaded) * 1e3:.1f} ms; "
+          f"p99 ratio {p99(loaded) / p99(unloaded):.2f}")
+
+
+def test_manage_key_registers_and_deletes_within_its_scopes_only(env):
+    c = env["c"]
+    m = _create_key(c, name="acme-ops", scopes=["acme-*"], manage=True)
+    h = _bearer(m["token"])
+    assert _register(c, "acme-m", env["files"][0], headers=h).status_code == 201
+    assert _classify(c, "acme-m", env["key_a"]["token"]).status_code == 200
+    for r in (_register(c, "bob-m", env["files"][0], headers=h), c.delete("/v1/models/bob-a", headers=h),
+              _register(c, "acme-n", env["files"][0], headers=_bearer(env["key_a"]["token"]))):
+        assert r.status_code == 403 and r.json()["error"]["type"] == "forbidden", r.text
+    assert c.get("/v1/models/bob-a", headers=AUTH).status_code == 200
+    assert c.post("/v1/keys", json={"name": "x", "scopes": ["*"]}, headers=h).status_code == 401
+    assert c.delete("/v1/models/acme-m", headers=h).status_code == 204
+    entries = c.get("/v1/audit", params={"actor": m["id"]}, headers=AUTH).json()["entries"]
+    assert [(x["action"], x["model"], x["result"]) for x in entries] == [
+        ("register", "acme-m", "ok"), ("register", "bob-m", "forbidden"), ("delete", "bob-a", "forbidden"),
+        ("delete", "acme-m", "ok")]
+
+
+def test_every_admin_action_is_audited_without_secrets(env, tmp_path, capsys):
+    c = env["c"]
+    since = c.get("/v1/audit", params={"limit": 1}, headers=AUTH).json()["entries"][-1]["time"]
+    d0, d1 = env["files"][0].read_bytes(), env["files"][1].read_bytes()
+    assert _register(c, "audit-m", env["files"][0]).status_code == 201
+    assert _register(c, "audit-m", env["files"][0]).status_code == 409
+    assert _register(c, "audit-m", env["files"][1], replace=True).status_code == 201
+    assert c.delete("/v1/models/audit-m", headers=AUTH).status_code == 204
+    assert c.delete("/v1/models/audit-m", headers=AUTH).status_code == 404
+    # keys through the CLI (HTTP, like the other client commands)
+    url = ["--url", env["url"], "--token", ADMIN, "--json"]
+    assert cli.main(["keys", "create", *url, "--name", "cli-key", "--scope", "acme-*", "--scope", "shared",
+                     "--requests-per-s", "3", "--expires-in-s", "3600"]) == 0
+    created = json.loads(capsys.readouterr().out)
+    TOKENS.append(created["token"])
+    assert created["scopes"] == ["acme-*", "shared"] and created["rate_limit"]["requests_per_s"] == 3
+    assert _classify(c, "acme-a", created["token"]).status_code == 200
+    assert cli.main(["keys", "list", *url]) == 0
+    listed = json.loads(capsys.readouterr().out)["keys"]
+    assert created["id"] in [k["id"] for k in listed]
+    assert all("token" not in k and "secret_sha256" not in k and "salt" not in k for k in listed)
+    assert cli.main(["keys", "revoke", *url, created["id"]]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "revoked"
+    assert _classify(c, "acme-a", created["token"]).status_code == 401
+    assert cli.main(["keys", "revoke", "--url", env["url"], "--token", "wrong-token-123", created["id"]]) == 1
+    assert "401" in capsys.readouterr().err
+    assert cli.main(["audit", *url, "--since", since]) == 0
+    got = [(e["actor"], e["action"], e["model"], e["sha256"], e["key_id"], e["result"])
+           for e in json.loads(capsys.readouterr().out)["entries"]]
+    sha0, sha1 = hashlib.sha256(d0).hexdigest(), hashlib.sha256(d1).hexdigest()
+    assert len(got) == 8 and got[1:] == [  # got[0] is the entry at `since` itself
+        ("admin", "register", "audit-m", sha0, None, "ok"),
+        ("admin", "register", "audit-m", sha0, None, "model_exists"),
+        ("admin", "replace", "audit-m", sha1, None, "ok"),
+        ("admin", "delete", "audit-m", sha1, None, "ok"),
+        ("admin", "delete", "audit-m", None, None, "unknown_model"),
+        ("admin", "key_create", None, None, created["id"], "ok"),
+        ("admin", "key_revoke", None, None, created["id"], "ok"),
+    ]
+    # every key made in this module was audited; no token, secret or admin token anywhere in the trail
+    trail = c.get("/v1/audit", params={"limit": 10_000}, headers=AUTH)
+    created_ids = {e["key_id"] for e in trail.json()["entries"] if e["action"] == "key_create"}
+    assert {t.split("_")[1] for t in TOKENS} <= created_ids
+    raw = (env["store"] / "access" / "audit.jsonl").read_text()
+    assert raw.count("\n") == len(trail.json()["entries"])
+    for blob in (raw, trail.text):
+        assert ADMIN not in blob
+        for t in TOKENS:
+            assert t not in blob and t.split("_", 2)[2] not in blob
+    keys_file = (env["store"] / "access" / "keys.json").read_text()
+    assert all(t.split("_", 2)[2] not in keys_file for t in TOKENS)  # only digests are stored
+
+
+BAD_CREATE = [
+    ("not-json", b"{name: x"),
+    ("array", b"[]"),
+    ("null", b"null"),
+    ("missing-scopes", {"name": "x"}),
+    ("missing-name", {"scopes": ["a"]}),
+    ("scopes-not-list", {"name": "x", "scopes": "acme-*"}),
+    ("scope-wrong-type", {"name": "x", "scopes": [{"a": 1}]}),
+    ("scope-bad-pattern", {"name": "x", "scopes": ["../etc"]}),
+    ("scope-bracket", {"name": "x", "scopes": ["[a-z]*"]}),
+    ("scope-huge", {"name": "x", "scopes": ["a" * 5000]}),
+    ("name-huge", {"name": "n" * 5000, "scopes": ["a"]}),
+    ("body-huge", {"name": "x", "scopes": ["a"] * 300_000}),
+    ("name-type", {"name": ["x"], "scopes": ["a"]}),
+    ("unknown-field", {"name": "x", "scopes": ["a"], "role": "admin"}),
+    ("negative-rate", {"name": "x", "scopes": ["a"], "rate_limit": {"requests_per_s": -5}}),
+    ("zero-burst", {"name": "x", "scopes": ["a"], "rate_limit": {"inputs_per_s": 1, "inputs_burst": 0}}),
+    ("rate-string", {"name": "x", "scopes": ["a"], "rate_limit": {"requests_per_s": "fast"}}),
+    ("rate-empty", {"name": "x", "scopes": ["a"], "rate_limit": {}}),
+    ("past-expiry", {"name": "x", "scopes": ["a"], "expires_at": "2001-01-01T00:00:00Z"}),
+    ("naive-expiry", {"name": "x", "scopes": ["a"], "expires_at": "2031-01-01T00:00:00"}),
+    ("negative-ttl", {"name": "x", "scopes": ["a"], "expires_in_s": -1}),
+    ("huge-ttl", {"name": "x", "scopes": ["a"], "expires_in_s": 1e12}),
+    ("manage-int", {"name": "x", "scopes": ["a"], "manage": 1}),
+]
+
+
+def test_bad_input_on_the_new_endpoints_is_4xx_json(env):
+    c = env["c"]
+    n_keys = len(c.get("/v1/keys", headers=AUTH).json()["keys"])
+    cases = []
+    for case, body in BAD_CREATE:
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        cases.append((case, c.post("/v1/keys", content=content, headers={**AUTH, "content-type": "application/json"})))
+    for q in ({"limit": -1}, {"limit": 0}, {"limit": "ten"}, {"limit": 10**9}, {"action": "drop_table"},
+              {"since": "yesterday"}, {"actor": "a" * 5000}, {"limit": 1.5}):
+        cases.append((f"audit-{q}", c.get("/v1/audit", params=q, headers=AUTH)))
+    for kid in ("0" * 12, "nope", "a" * 5000, "bdk_0123456789ab_x", "%00"):
+        cases.append((f"revoke-{kid[:20]}", c.delete(f"/v1/keys/{kid}", headers=AUTH)))
+    for method, path in (("POST", "/v1/keys"), ("GET", "/v1/keys"), ("GET", "/v1/audit"), ("DELETE", "/v1/keys/abc")):
+        for h in ({}, _bearer("wrong-admin-token"), _bearer(env["key_a"]["token"])):
+            cases.append((f"auth-{method}-{path}", c.request(method, path, json={"name": "x", "scopes": ["a"]}
+                                                             if method == "POST" else None, headers=h)))
+    cases.append(("put-keys", c.put("/v1/keys", json={}, headers=AUTH)))
+    for case, r in cases:
+        assert 400 <= r.status_code < 500, (case, r.status_code, r.text[:200])
+        err = r.json()["error"]
+        assert isinstance(err["type"], str) and isinstance(err["message"], str) and err["message"], case
+        assert len(r.content) < 4096, case  # a huge input is not echoed back
+    status = dict((case, r.status_code) for case, r in cases)
+    assert status["body-huge"] == 413 and status["revoke-000000000000"] == 404 and status["auth-GET-/v1/keys"] == 401
+    assert status["put-keys"] == 405 and status["not-json"] == 422 and status["negative-rate"] == 422
+    assert len(c.get("/v1/keys", headers=AUTH).json()["keys"]) == n_keys  # nothing was created
