@@ -157,18 +157,36 @@ def test_artifacts_are_read_with_safetensors_only():
 # constant-time token comparison, admin checks on every mutating route
 # =============================================================================================
 def _serve_sources() -> dict[str, ast.Module]:
-    return {p.name: ast.parse(p.read_text(), str(p)) for p in sorted((ROOT / "serve").glob("*.py"))}
+    return {str(p.relative_to(ROOT / "serve")): ast.parse(p.read_text(), str(p))
+            for p in sorted((ROOT / "serve").rglob("*.py"))}
+
+
+COMPARE = {"hmac.compare_digest", "secrets.compare_digest", "compare_digest"}
+# serve.access: the functions that decide on a presented token (each must compare in constant time)
+ACCESS_CHECKERS = {"control.py": ["_is"], "keys.py": ["verify", "authenticate"]}
+# what http.py may hand the Authorization header to instead of comparing it itself
+ACCESS_CALLS = {"self.access.principal", "self.access.admin", "self.access.manager", "self.access.manager_precheck",
+                "access_http.create_key", "access_http.list_keys", "access_http.revoke_key", "access_http.read_audit"}
+
+
+def _functions(tree) -> dict[str, ast.AST]:
+    return {f.name: f for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))}
 
 
 def test_bearer_token_compared_in_constant_time():
-    tree = _serve_sources()["http.py"]
-    checkers = [f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)
+    sources = _serve_sources()
+    tree = sources["http.py"]
+    checkers = [f for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
                 and "authorization" in ast.unparse(f).lower() and "headers" in ast.unparse(f)]
     assert checkers, "no function reads the Authorization header"
     for f in checkers:
         calls = {_dotted(n.func) for n in ast.walk(f) if isinstance(n, ast.Call)}
-        assert calls & {"hmac.compare_digest", "secrets.compare_digest", "compare_digest"}, \
-            f"{f.name} does not use hmac/secrets.compare_digest"
+        assert calls & (COMPARE | ACCESS_CALLS), f"{f.name} neither compares in constant time nor asks serve.access"
+    for fname, names in ACCESS_CHECKERS.items():
+        funcs = _functions(sources[f"access/{fname}"])
+        for name in names:
+            calls = {_dotted(n.func) for n in ast.walk(funcs[name]) if isinstance(n, ast.Call)}
+            assert calls & COMPARE, f"serve/access/{fname}:{name} does not use hmac/secrets.compare_digest"
 
 
 def test_no_token_compared_with_equality():
@@ -199,8 +217,19 @@ def test_every_mutating_route_checks_the_admin_token():
                     continue
                 routes += 1
                 src = ast.unparse(f)
-                assert "_check_bearer(request, self.cfg.admin_token" in src, f"{path} ({f.name}) skips the admin check"
-    assert routes >= 2
+                assert any(c in src for c in ("_check_bearer(request, self.cfg.admin_token", "self.access.admin(",
+                                              "self.access.manager_precheck(", "access_http.create_key(self.access",
+                                              "access_http.revoke_key(self.access")), \
+                    f"{path} ({f.name}) skips the admin check"
+    assert routes >= 4
+    # the key endpoints' logic checks the admin token before anything else
+    http = _functions(_serve_sources()["access/http.py"])
+    for name in ("create_key", "list_keys", "revoke_key", "read_audit"):
+        first = http[name].body[0]
+        assert "access.admin(authorization)" in ast.unparse(first), f"serve/access/http.py:{name} skips the admin check"
+    # manage keys: the precheck runs before the upload is read, the scope check once the name is known
+    control = _functions(_serve_sources()["access/control.py"])
+    assert "self.admin(authorization)" in ast.unparse(control["manager"])
 
 
 # =============================================================================================
