@@ -165,6 +165,19 @@ def test_revocation_is_seen_by_another_store_instance_at_its_next_call(tmp_path)
         assert ei.value.status == 404
 
 
+def test_a_change_the_stat_cannot_show_is_still_seen(tmp_path, monkeypatch):
+    """Two writes within the filesystem's timestamp granularity may leave the same inode, size and
+    times: a recently changed file is re-read rather than trusted to its stat."""
+    writer, reader = KeyStore(tmp_path), KeyStore(tmp_path)
+    rec, tok = writer.create("k", ["m"])
+    assert reader.authenticate(tok).id == rec.id
+    frozen = reader.version()
+    monkeypatch.setattr(KeyStore, "version", lambda self: frozen)
+    writer.revoke(rec.id)
+    with pytest.raises(Unauthorized):
+        reader.authenticate(tok)
+
+
 def test_revocation_from_another_process(tmp_path):
     ks = KeyStore(tmp_path)
     rec, tok = ks.create("k", ["m"])

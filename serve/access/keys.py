@@ -21,7 +21,9 @@ Every change rewrites ``keys.json`` whole (temp file + fsync + rename + director
 the lock), so a reader sees the old file or the new one. :meth:`KeyStore.version` is one
 ``stat`` (inode, size, mtime, ctime of ``keys.json``); a rename gives the file a new inode, so
 a replica that compares it before each request sees a creation or a revocation made by any
-other replica at its next request. Revoked keys stay in the file (``revoked_at`` set) so the
+other replica at its next request. For two seconds after a change the file is re-read instead
+(a second change within the filesystem's timestamp granularity could reuse the inode and
+size); each write bumps ``generation``, so the bytes always differ. Revoked keys stay in the file (``revoked_at`` set) so the
 listing and the audit trail can name them.
 
 This module imports neither torch nor Ray.
@@ -162,6 +164,8 @@ class KeyRecord:
 @dataclass
 class _Snapshot:
     version: tuple | None = None
+    read_ns: int = 0  # wall time (ns) just before the stat that gave ``version``
+    raw: bytes = b""
     generation: int = 0
     keys: dict[str, KeyRecord] = field(default_factory=dict)
 
@@ -192,20 +196,29 @@ class KeyStore:
             return None
         return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
+    # a file changed less than this before the stat that saw it may change again within the
+    # filesystem's timestamp granularity, possibly reusing the inode: re-read it instead of
+    # trusting the stat (the file is small; every write bumps ``generation``, so the bytes differ)
+    _RACY_NS = 2_000_000_000
+
     def refresh(self) -> bool:
-        """Reload ``keys.json`` if it changed since the last load; True when it was reloaded."""
+        """Reload ``keys.json`` if it changed since the last load; True when the keys changed."""
+        snap = self._snap
         v = self.version()
-        if v == self._snap.version:
+        if v == snap.version and (v is None or snap.read_ns - v[2] > self._RACY_NS):
             return False
         with self._lock:
-            if v == self._snap.version:
+            new = self._read()
+            if new.raw == self._snap.raw and new.version is not None:
+                self._snap.version, self._snap.read_ns = new.version, new.read_ns
                 return False
-            self._snap = self._read()
+            self._snap = new
         return True
 
     def _read(self) -> _Snapshot:
         # the version is taken before the bytes: the content is at least that new, so a rename in
         # between costs at most one extra reload, never a stale snapshot
+        read_ns = time.time_ns()
         v = self.version()
         try:
             raw = self.path.read_bytes()
@@ -221,7 +234,7 @@ class KeyStore:
                 keys[rec.id] = rec
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise AccessStoreError(f"{self.path}: unreadable keys file ({e})") from None
-        return _Snapshot(version=v, generation=int(doc.get("generation", 0)), keys=keys)
+        return _Snapshot(version=v, read_ns=read_ns, raw=raw, generation=int(doc.get("generation", 0)), keys=keys)
 
     def list(self) -> list[KeyRecord]:
         """Every key (revoked and expired ones included), oldest first."""
