@@ -149,6 +149,12 @@ class AccessControl:
         """:meth:`manager` before the model name is known (401/403 before an upload is read)."""
         return self.manager(authorization, None)
 
+    def metrics_guard(self, authorization: str | None) -> None:
+        """``/metrics`` labels name every model, so once API keys exist (tenants who must not learn
+        each other's model names) it needs the admin token; before that it stays open for scrapers."""
+        if self.keys.any_keys():
+            self.admin(authorization)
+
     # ---- per request ------------------------------------------------------------------------------
     def check_rate(self, principal: Principal, inputs: int = 1) -> None:
         """Debit the key's buckets (nothing for tokens and open mode); :class:`RateLimited` (429)."""
