@@ -13,6 +13,7 @@ The routes live on :class:`Routes`, a mixin for the class that Ray Serve makes t
 
 # No ``from __future__ import annotations`` here: Ray Serve re-binds the route methods, and
 # FastAPI must see real annotations (Request, ClassifyRequest), not strings.
+import asyncio
 import hashlib
 import hmac
 import importlib
@@ -28,8 +29,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from bitdelta_core.errors import BitDeltaError, InvalidInputError
+from bitdelta_core.errors import BitDeltaError, InvalidInputError, UnknownModelError
 
+from .access import AccessControl, Principal
+from .access import http as access_http
+from .access.schemas import AuditList, KeyCreate, KeyCreated, KeyInfo, KeyList
 from .config import ServeConfig
 from .errors import ApiError, classify_exception
 from .metrics import render
@@ -69,6 +73,8 @@ ERRORS = {
     409: {"model": ErrorResponse, "description": "name already registered"},
     413: {"model": ErrorResponse, "description": "body, input count or text length over the limit"},
     422: {"model": ErrorResponse, "description": "malformed request"},
+    403: {"model": ErrorResponse, "description": "the API key may not do this"},
+    429: {"model": ErrorResponse, "description": "the API key's rate limit is exceeded (see Retry-After)"},
 }
 
 app = FastAPI(
@@ -292,10 +298,23 @@ class Routes:
 
     cfg: ServeConfig
     peers: Peers
+    access: AccessControl
 
     def init_http(self) -> None:
         settings().update(body=self.cfg.max_body_bytes, upload=self.cfg.max_upload_bytes,
                           replica=self.replica.replica_id)
+        # API keys, rate limits (this replica's buckets), audit trail: serve.access, docs/access.md
+        self.access = AccessControl(self.cfg.store, admin_token=self.cfg.admin_token,
+                                    classify_token=self.cfg.classify_token, replica=self.replica.replica_id)
+
+    def _principal(self, request: Request) -> Principal:
+        return self.access.principal(request.headers.get("authorization"))
+
+    async def _hidden(self, name: str) -> UnknownModelError:
+        """A model outside the caller's scopes answers as an unknown one: same store check first,
+        same error (the HTTP tests compare both answers byte for byte)."""
+        await self.replica.maybe_sync()
+        return UnknownModelError(f"model {name!r} is not registered")
 
     async def _sync_peers(self) -> None:
         """Let every replica pick up a store change now (best effort: each replica also checks
@@ -314,9 +333,11 @@ class Routes:
         label = req.model if NAME_PATTERN.fullmatch(req.model) else "_invalid"
         code = 500
         try:
-            if self.cfg.classify_token is not None:
-                _check_bearer(request, self.cfg.classify_token, "classify")
+            principal = self._principal(request)
             _check_inputs(req.inputs, self.cfg)
+            self.access.check_rate(principal, len(req.inputs))  # before the scope check: a hidden model costs the same
+            if not principal.sees(req.model):
+                raise await self._hidden(req.model)
             res = await m.classify(req.model, req.inputs, req.truncate, req.return_all_scores)
             code = 200
             m.m_inputs.inc(len(req.inputs), model=label)
@@ -335,17 +356,19 @@ class Routes:
     # ---- model registry ---------------------------------------------------------------------------
     @app.get("/v1/models", response_model=ModelList, responses={401: ERRORS[401]}, summary="List registered fine-tunes")
     async def list_models(self, request: Request):
-        if self.cfg.classify_token is not None:
-            _check_bearer(request, self.cfg.classify_token, "classify")
-        return JSONResponse({"models": await self.replica.list_models()})
+        principal = self._principal(request)
+        self.access.check_rate(principal)
+        return JSONResponse({"models": access_http.visible_models(principal, await self.replica.list_models())})
 
     @app.get("/v1/models/{name}", response_model=ModelInfo, responses={401: ERRORS[401], 404: ERRORS[404]},
              summary="One registered fine-tune")
     async def get_model(self, name: str, request: Request):
-        if self.cfg.classify_token is not None:
-            _check_bearer(request, self.cfg.classify_token, "classify")
+        principal = self._principal(request)
+        self.access.check_rate(principal)
         if not NAME_PATTERN.fullmatch(name):
             raise _unknown(name)
+        if not principal.sees(name):
+            raise await self._hidden(name)
         return JSONResponse(await self.replica.get_model(name))
 
     @app.post("/v1/models", status_code=201, response_model=ModelInfo, openapi_extra=_UPLOAD_OPENAPI,
@@ -353,21 +376,31 @@ class Routes:
               summary="Register a fine-tune (admin): multipart name + file (+ replace)")
     async def register(self, request: Request, replace: bool = Query(False, description="overwrite an existing model")):
         result = "error"
+        auth = request.headers.get("authorization")
+        actor: str | None = None  # known once the credential is: only identified callers are audited
+        name = data = None
+        existed = False
         try:
-            _check_bearer(request, self.cfg.admin_token, "admin")
+            self.access.manager_precheck(auth)  # admin token, or an API key with manage (401/403 before the upload)
             name, data, replace = await self._read_upload(request, replace)
+            actor = self.access.manager(auth, name).actor  # a key: only names its scopes match
+            existed = replace and name in self.replica.store
             info = await self.replica.register(name, data, replace)
             result = "ok"
             await self._sync_peers()
             return JSONResponse(info, status_code=201)
         except ApiError as e:
             result = e.type
+            actor = getattr(e, "actor", None) or actor
             raise
         except BitDeltaError as e:
             result = classify_exception(e)[1]
             raise
         finally:
             self.replica.m_registrations.inc(result=result)
+            if actor is not None:
+                await asyncio.to_thread(self.access.audit, actor, "replace" if existed else "register", result=result,
+                                        model=name, sha256=hashlib.sha256(data).hexdigest() if data else None)
 
     async def _read_upload(self, request: Request, replace: bool) -> tuple[str, bytes, bool]:
         ctype = request.headers.get("content-type", "")
@@ -408,22 +441,56 @@ class Routes:
                 summary="Delete a fine-tune (admin); removes it from disk")
     async def delete_model(self, name: str, request: Request):
         result = "error"
+        auth = request.headers.get("authorization")
+        actor: str | None = None
+        sha = None
         try:
-            _check_bearer(request, self.cfg.admin_token, "admin")
+            self.access.manager_precheck(auth)
             if not NAME_PATTERN.fullmatch(name):
                 raise _unknown(name)
-            await self.replica.unregister(name)
+            actor = self.access.manager(auth, name).actor
+            sha = (await self.replica.unregister(name)).get("sha256")
             result = "ok"
             await self._sync_peers()
             return Response(status_code=204)
         except ApiError as e:
             result = e.type
+            actor = getattr(e, "actor", None) or actor
             raise
         except BitDeltaError as e:
             result = classify_exception(e)[1]
             raise
         finally:
             self.replica.m_deletions.inc(result=result)
+            if actor is not None:
+                await asyncio.to_thread(self.access.audit, actor, "delete", result=result,
+                                        model=name if NAME_PATTERN.fullmatch(name) else None, sha256=sha)
+
+    # ---- API keys and audit trail (admin token; logic in serve.access.http) -------------------------
+    @app.post("/v1/keys", status_code=201, response_model=KeyCreated, responses={k: ERRORS[k] for k in (401, 413, 422)},
+              summary="Create an API key (admin); its token is in this answer only")
+    async def create_key(self, body: KeyCreate, request: Request):
+        return JSONResponse(await access_http.create_key(self.access, request.headers.get("authorization"), body),
+                            status_code=201)
+
+    @app.get("/v1/keys", response_model=KeyList, responses={401: ERRORS[401]}, summary="List API keys (admin; no secrets)")
+    async def list_keys(self, request: Request):
+        return JSONResponse(await access_http.list_keys(self.access, request.headers.get("authorization")))
+
+    @app.delete("/v1/keys/{key_id}", response_model=KeyInfo, responses={401: ERRORS[401], 404: ERRORS[404]},
+                summary="Revoke an API key (admin); every replica refuses it from its next request")
+    async def revoke_key(self, key_id: str, request: Request):
+        return JSONResponse(await access_http.revoke_key(self.access, request.headers.get("authorization"), key_id))
+
+    @app.get("/v1/audit", response_model=AuditList, responses={401: ERRORS[401], 422: ERRORS[422]},
+             summary="The audit trail of admin actions (admin): the newest `limit` matching entries, oldest first")
+    async def audit(self, request: Request, limit: int = Query(100, ge=1, le=10_000),
+                    actor: str | None = Query(None, max_length=64), action: str | None = Query(None, max_length=32),
+                    model: str | None = Query(None, max_length=64), key_id: str | None = Query(None, max_length=64),
+                    since: str | None = Query(None, max_length=64, description="ISO-8601 time")):
+        return JSONResponse(await access_http.read_audit(
+            self.access, request.headers.get("authorization"), limit=limit, actor=actor, action=action, model=model,
+            key_id=key_id, since=since))
 
     # ---- operations -------------------------------------------------------------------------------
     @app.get("/healthz", response_model=Health, responses={503: {"model": ErrorResponse}}, summary="Liveness/readiness")
@@ -435,8 +502,10 @@ class Routes:
         ok = [r for r in res if isinstance(r, dict)] or [await self.replica.health()]
         return {"status": "ok", "models": max(r["models"] for r in ok), "replicas": len(ok)}
 
-    @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics of every replica")
-    async def metrics(self):
+    @app.get("/metrics", response_class=PlainTextResponse, responses={401: ERRORS[401]},
+             summary="Prometheus metrics of every replica (admin token once API keys exist: the labels name every model)")
+    async def metrics(self, request: Request):
+        self.access.metrics_guard(request.headers.get("authorization"))
         try:
             res = await self.peers.broadcast("stats")
         except Exception as e:  # noqa: BLE001

@@ -232,9 +232,9 @@ class Replica:
         if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
             raise UnknownModelError(f"model {name!r} is not registered")
         with self.reconciler.lock:
-            self.store.delete(name)
+            entry = self.store.delete(name)
             self.reconciler.forget(name)
-        return {"deleted": name}
+        return {"deleted": name, "sha256": entry.sha256}
 
     async def list_models(self) -> list[dict[str, Any]]:
         await self.maybe_sync()

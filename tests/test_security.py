@@ -166,7 +166,8 @@ COMPARE = {"hmac.compare_digest", "secrets.compare_digest", "compare_digest"}
 ACCESS_CHECKERS = {"control.py": ["_is"], "keys.py": ["verify", "authenticate"]}
 # what http.py may hand the Authorization header to instead of comparing it itself
 ACCESS_CALLS = {"self.access.principal", "self.access.admin", "self.access.manager", "self.access.manager_precheck",
-                "access_http.create_key", "access_http.list_keys", "access_http.revoke_key", "access_http.read_audit"}
+                "self.access.metrics_guard", "access_http.create_key", "access_http.list_keys", "access_http.revoke_key",
+                "access_http.read_audit"}
 
 
 def _functions(tree) -> dict[str, ast.AST]:
@@ -227,9 +228,10 @@ def test_every_mutating_route_checks_the_admin_token():
     for name in ("create_key", "list_keys", "revoke_key", "read_audit"):
         first = http[name].body[0]
         assert "access.admin(authorization)" in ast.unparse(first), f"serve/access/http.py:{name} skips the admin check"
-    # manage keys: the precheck runs before the upload is read, the scope check once the name is known
+    # manage keys and the metrics guard end in the admin check unless a key is presented
     control = _functions(_serve_sources()["access/control.py"])
-    assert "self.admin(authorization)" in ast.unparse(control["manager"])
+    for name in ("manager", "metrics_guard"):
+        assert "self.admin(authorization)" in ast.unparse(control[name]), name
 
 
 # =============================================================================================

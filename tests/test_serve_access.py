@@ -169,6 +169,8 @@ def test_revoked_and_expired_keys_get_401_on_every_replica(env):
             _fanout(lambda: c.get("/v1/models/acme-a", headers=_bearer(token)), 8)
         for r in answers:
             assert r.status_code == 401 and r.json()["error"]["type"] == "unauthorized", r.text
+        # every replica answers for itself (each is its own ingress) and each refused the key
+        assert len({r.headers["x-bitdelta-replica"] for r in answers}) == REPLICAS
     statuses = {x["id"]: x["status"] for x in c.get("/v1/keys", headers=AUTH).json()["keys"]}
     assert statuses[k["id"]] == "revoked" and statuses[e["id"]] == "expired"
     assert statuses[env["key_a"]["id"]] == "active"
