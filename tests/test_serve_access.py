@@ -118,9 +118,12 @@ def test_key_cannot_see_or_infer_other_tenants_models(env):
 
     # what key A observes for 'bob-z' before it exists (truly unknown) ...
     def observe():
+        listing = c.get("/v1/models", headers=_bearer(ta))
+        for m in listing.json()["models"]:
+            m.pop("created")  # each replica stamps its own load time
         return {"classify": _answer(_classify(c, "bob-z", ta)),
                 "get": _answer(c.get("/v1/models/bob-z", headers=_bearer(ta))),
-                "list": _answer(c.get("/v1/models", headers=_bearer(ta)))}
+                "list": (listing.status_code, listing.json(), _answer(listing)[2])}
 
     before = observe()
     assert before["classify"][0] == 404 and before["get"][0] == 404
@@ -176,10 +179,22 @@ def test_revoked_and_expired_keys_get_401_on_every_replica(env):
     assert statuses[env["key_a"]["id"]] == "active"
 
 
-def test_flood_from_one_key_is_throttled_other_key_unaffected(env):
+def _p99(xs):
+    return sorted(xs)[max(0, int(round(0.99 * len(xs))) - 1)]
+
+
+def test_flood_from_one_key_is_throttled_other_key_unaffected(env, tmp_path):
+    """A key flooding the service gets 429 beyond its limit while another key keeps being served.
+
+    The calm key's latency is sampled with no flood, during a flood from the rate-limited key,
+    and (the baseline) during the same flood from a key without a limit; the figures are printed,
+    not asserted (the box is shared). The flood comes from other processes, as other tenants'
+    clients would, so the calm key's timings are not this process's threads fighting for the GIL."""
     c = env["c"]
-    rate, burst = 4.0, 4.0
-    flood = _create_key(c, name="flooder", scopes=["acme-*"], rate_limit={"requests_per_s": rate, "requests_burst": burst})
+    rate, burst, n_calm = 4.0, 4.0, 120  # 120 samples: a p99 that is not simply the maximum
+    limited = _create_key(c, name="flooder", scopes=["acme-*"], rate_limit={"requests_per_s": rate,
+                                                                            "requests_burst": burst})
+    unlimited = _create_key(c, name="flooder-unlimited", scopes=["acme-*"])
     calm = _create_key(c, name="calm", scopes=["acme-*"])
 
     def calm_latencies(n):
@@ -191,51 +206,62 @@ def test_flood_from_one_key_is_throttled_other_key_unaffected(env):
             assert r.status_code == 200, r.text
         return out
 
+    def flood(token, tag):
+        """Two client processes as fast as they can until the calm samples are taken (bounded)."""
+        stop_file = tmp_path / f"stop-{tag}"
+        script = textwrap.dedent(f"""
+            import json, os, time, httpx
+            codes, retry = [], []
+            deadline = time.monotonic() + 60
+            with httpx.Client(base_url={env["url"]!r}, timeout=30) as c:
+                for _ in range(5000):
+                    if time.monotonic() > deadline or os.path.exists({str(stop_file)!r}):
+                        break
+                    r = c.post("/v1/classify", json={{"model": "acme-a", "inputs": {INPUTS!r}}},
+                               headers={{"Authorization": "Bearer {token}"}})
+                    codes.append(r.status_code)
+                    if r.status_code == 429:
+                        assert r.json()["error"]["type"] == "rate_limited", r.text
+                        retry.append(int(r.headers["retry-after"]))
+            print(json.dumps({{"codes": codes, "retry": retry, "cpu_s": time.process_time()}}))
+        """)
+        t0 = time.monotonic()
+        procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+        time.sleep(1.0)  # let the flood start
+        lat = calm_latencies(n_calm)
+        stop_file.touch()
+        codes, retry, cpu = [], [], 0.0
+        for p in procs:
+            out, _ = p.communicate(timeout=120)
+            assert p.returncode == 0
+            res = json.loads(out)
+            codes, retry, cpu = codes + res["codes"], retry + res["retry"], cpu + res["cpu_s"]
+        return lat, codes, retry, cpu, time.monotonic() - t0
+
     calm_latencies(5)  # warm
-    unloaded = calm_latencies(40)
-    # the flood comes from other processes (as other tenants' clients would), so the calm key's
-    # timings measure the service, not this process's threads competing for the GIL
-    flood_s, workers = 6.0, 2
-    script = textwrap.dedent(f"""
-        import json, time, httpx
-        codes, retry = [], []
-        stop = time.monotonic() + {flood_s}
-        with httpx.Client(base_url={env["url"]!r}, timeout=30) as c:
-            for _ in range(400):  # bounded in count and time
-                if time.monotonic() > stop:
-                    break
-                r = c.post("/v1/classify", json={{"model": "acme-a", "inputs": {INPUTS!r}}},
-                           headers={{"Authorization": "Bearer {flood['token']}"}})
-                codes.append(r.status_code)
-                if r.status_code == 429:
-                    assert r.json()["error"]["type"] == "rate_limited", r.text
-                    retry.append(int(r.headers["retry-after"]))
-        print(json.dumps({{"codes": codes, "retry": retry}}))
-    """)
-    t0 = time.monotonic()
-    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-             for _ in range(workers)]
-    time.sleep(0.5)  # let the flood start
-    loaded = calm_latencies(40)
-    codes, retry_after = [], []
-    for p in procs:
-        out, _ = p.communicate(timeout=120)
-        assert p.returncode == 0
-        res = json.loads(out)
-        codes += res["codes"]
-        retry_after += res["retry"]
-    elapsed = time.monotonic() - t0
-    ok, limited = codes.count(200), codes.count(429)
-    assert set(codes) <= {200, 429} and limited > 0
+    quiet = calm_latencies(n_calm)
+    lat_l, codes, retry_after, cpu_l, elapsed = flood(limited["token"], "limited")
+    ok, refused = codes.count(200), codes.count(429)
+    assert set(codes) <= {200, 429} and refused > 0
     assert set(retry_after) == {1}  # 1 token at 4/s: at most 0.25 s, rounded up to whole seconds
     # the buckets are per replica: at most REPLICAS x (burst + rate x elapsed) pass
     assert ok <= REPLICAS * (burst + rate * elapsed) + 1, (ok, elapsed)
-    p99 = lambda xs: sorted(xs)[max(0, int(round(0.99 * len(xs))) - 1)]  # noqa: E731
-    print(f"\nflood: {len(codes)} requests in {elapsed:.1f} s, {ok} passed, {limited} got 429 "
-          f"(limit {rate:g}/s burst {burst:g} per replica, {REPLICAS} replicas)")
-    print(f"calm key latency: unloaded p50 {statistics.median(unloaded) * 1e3:.1f} ms p99 {p99(unloaded) * 1e3:.1f} ms; "
-          f"during the flood p50 {statistics.median(loaded) * 1e3:.1f} ms p99 {p99(loaded) * 1e3:.1f} ms; "
-          f"p99 ratio {p99(loaded) / p99(unloaded):.2f}")
+    lat_u, codes_u, _, cpu_u, elapsed_u = flood(unlimited["token"], "unlimited")
+    assert set(codes_u) == {200}  # no limit, no 429
+
+    def row(name, lat):
+        return (f"  {name:<34} p50 {statistics.median(lat) * 1e3:6.1f} ms  p99 {_p99(lat) * 1e3:6.1f} ms  "
+                f"p99 / quiet p99 {_p99(lat) / _p99(quiet):5.2f}")
+
+    print(f"\nflood, rate-limited key: {len(codes)} requests in {elapsed:.1f} s, {ok} passed, {refused} got 429 "
+          f"(limit {rate:g}/s burst {burst:g} per replica, {REPLICAS} replicas); flood clients' own CPU {cpu_l:.1f} s")
+    print(f"flood, unlimited key (baseline): {len(codes_u)} requests in {elapsed_u:.1f} s, all passed; "
+          f"flood clients' own CPU {cpu_u:.1f} s")
+    print(f"calm key, {n_calm} sequential requests each:")
+    print(row("no flood", quiet))
+    print(row("flood from the rate-limited key", lat_l))
+    print(row("flood from an unlimited key", lat_u))
 
 
 def test_manage_key_registers_and_deletes_within_its_scopes_only(env):
