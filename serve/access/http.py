@@ -16,14 +16,6 @@ from .errors import AccessError
 from .keys import KEY_ID_PATTERN
 from .schemas import KeyCreate
 
-HIDDEN_MODEL_STATUS = 404
-
-
-def unknown_model_message(name: str) -> str:
-    """The message of an unknown model, exactly as the engine words it (``UnknownModelError``)."""
-    return f"model {name!r} is not registered"
-
-
 async def create_key(access: AccessControl, authorization: str | None, body: KeyCreate) -> dict[str, Any]:
     admin = access.admin(authorization)
 
@@ -82,4 +74,4 @@ def visible_models(principal: Principal, models: list[dict[str, Any]]) -> list[d
     return [m for m in models if principal.sees(m["name"])]
 
 
-__all__ = ["create_key", "list_keys", "revoke_key", "read_audit", "visible_models", "unknown_model_message"]
+__all__ = ["create_key", "list_keys", "revoke_key", "read_audit", "visible_models"]
