@@ -198,9 +198,12 @@ def env(tmp_path_factory):
 def _snapshot(env) -> dict:
     """Everything that must not change: store files + checksums, the model list, the store's neighbours."""
     store: Path = env["store"]
+    audit = store / "access" / "audit.jsonl"  # grows by one line per refused admin action, by design
     files = {str(p.relative_to(store)): hashlib.sha256(p.read_bytes()).hexdigest()
-             for p in sorted(store.rglob("*")) if p.is_file()}
-    return {"files": files, "models": env["c"].get("/v1/models").json(),
+             for p in sorted(store.rglob("*")) if p.is_file() and p != audit}
+    audit_ok = sum(json.loads(line)["result"] == "ok" for line in audit.read_text().splitlines()) \
+        if audit.exists() else 0
+    return {"files": files, "audit_ok": audit_ok, "models": env["c"].get("/v1/models").json(),
             "neighbours": sorted(p.name for p in env["root"].iterdir()),
             "outside": sorted(p.name for p in env["root"].parent.iterdir())}
 
