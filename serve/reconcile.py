@@ -48,6 +48,7 @@ class Reconciler:
         self.on_change = on_change or (lambda action, seconds: None)
         self.lock = threading.RLock()
         self.loaded: dict[str, str] = {}  # name -> sha256 served
+        self.created: dict[str, str] = {}  # name -> registration time of the served version (store record)
         self.failed: dict[str, str] = {}  # name -> sha256 that failed to load (not retried)
         self._version: tuple | None = None
 
@@ -84,14 +85,16 @@ class Reconciler:
                     continue
                 self.failed.pop(name, None)
                 self.loaded[name] = e.sha256
+                self.created[name] = e.created
                 self.on_change("load", time.perf_counter() - t0)
             self._version = version
             return changed
 
-    def mark_loaded(self, name: str, sha256: str) -> None:
+    def mark_loaded(self, name: str, sha256: str, created: str) -> None:
         """Record a model this replica registered itself (already in the pool)."""
         with self.lock:
             self.loaded[name] = sha256
+            self.created[name] = created
             self.failed.pop(name, None)
 
     def forget(self, name: str) -> None:
@@ -105,6 +108,7 @@ class Reconciler:
             with contextlib.suppress(UnknownModelError):
                 self.pool.unregister(name)
             del self.loaded[name]
+            self.created.pop(name, None)
 
 
 __all__ = ["Reconciler"]

@@ -221,9 +221,15 @@ class Replica:
                 with contextlib.suppress(BitDeltaError, OSError):
                     self.store.delete(name)
                 raise
-            self.reconciler.mark_loaded(name, entry.sha256)
+            self.reconciler.mark_loaded(name, entry.sha256, entry.created)
         logger.info("replica %s registered %s (%d bytes)", self.replica_id, name, entry.bytes)
-        return info_dict(info)
+        return self._info(info)
+
+    def _info(self, info) -> dict[str, Any]:
+        """A model's description; ``created`` is the store record's, the same on every replica."""
+        d = info_dict(info)
+        d["created"] = self.reconciler.created.get(info.name, d["created"])
+        return d
 
     async def unregister(self, name: str) -> dict[str, Any]:
         return await asyncio.to_thread(self._unregister, name)
@@ -238,11 +244,11 @@ class Replica:
 
     async def list_models(self) -> list[dict[str, Any]]:
         await self.maybe_sync()
-        return sorted((info_dict(i) for i in self.engine.list()), key=lambda d: d["name"])
+        return sorted((self._info(i) for i in self.engine.list()), key=lambda d: d["name"])
 
     async def get_model(self, name: str) -> dict[str, Any]:
         await self.maybe_sync()
-        return info_dict(self.engine.get(name))
+        return self._info(self.engine.get(name))
 
     # ---- health / stats -----------------------------------------------------------------------
     async def health(self) -> dict[str, Any]:

@@ -53,6 +53,7 @@ def test_new_replaced_and_deleted_models_follow_the_store(env):
     assert pool.served == {"a": b"a2"}
     assert sorted(events) == ["drop", "load", "load", "load"]
     assert rec.loaded == {"a": store.get("a").sha256}
+    assert rec.created == {"a": store.get("a").created}  # the record's time: the same on every replica
 
 
 def test_unchanged_store_does_nothing(env):
@@ -90,7 +91,7 @@ def test_mark_loaded_and_forget(env):
     store, pool, rec, events = env
     e = store.put("m", b"v1")
     pool.register("m", b"v1")
-    rec.mark_loaded("m", e.sha256)
+    rec.mark_loaded("m", e.sha256, e.created)
     rec.sync()
     assert pool.calls.count(("register", "m")) == 1  # already served at that sha: not loaded again
     store.delete("m")

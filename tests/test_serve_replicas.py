@@ -96,6 +96,13 @@ def test_restart_restores_the_store_and_two_replicas_serve_it(env):
     assert c.get("/healthz").json() == {"status": "ok", "models": 1, "replicas": 2}
     assert [m["name"] for m in c.get("/v1/models").json()["models"]] == ["a"]
     _on_every_replica(c, "a", lambda r: _check(r, env["expected"]["a"]))
+    # a model's description is the same whichever replica answers (registration time from the store)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        infos = list(pool.map(lambda _: c.get("/v1/models/a"), range(16)))
+    assert len({r.headers["x-bitdelta-replica"] for r in infos}) >= 1
+    assert len({r.json()["created"] for r in infos}) == 1, [r.json() for r in infos]
 
 
 def test_registration_and_deletion_through_http_seen_by_both_replicas(env):
