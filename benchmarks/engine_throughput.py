@@ -1,6 +1,7 @@
 """Multi-tenant engine throughput and memory against the alternatives, measured side by side.
 
-For each base (MiniLM-L6, a BERT-base-sized config), T tenants and a popularity law
+For each base (MiniLM-L6, a BERT-base-sized config; ``--models deberta-v3``: a DeBERTa-v3-base-sized
+config, see :func:`deberta_v3_path`), T tenants and a popularity law
 (uniform, Zipf(1.0)), on batches of 32 sequences x 64 tokens where each row names a tenant:
 
   (a) one dense fine-tuned model on the whole batch (the upper bound: no multi-tenancy at all)
@@ -87,6 +88,32 @@ def bert_base_path(cache: Path) -> Path:
     return out
 
 
+def deberta_v3_path(cache: Path) -> Path:
+    """A DeBERTa-v3-base-sized random-init base (the real config's shapes: relative attention
+    with 256 log buckets, a LayerNorm on the relative embeddings, shared attention keys, no
+    absolute positions, 128,100 tokens) with MiniLM's tokenizer (its ids are a subset)."""
+    out = cache / "deberta_v3_base_random"
+    if (out / "config.json").exists():
+        return out
+    from transformers import AutoTokenizer, DebertaV2Config, DebertaV2ForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = DebertaV2Config(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                          vocab_size=128100, max_position_embeddings=512, max_relative_positions=-1,
+                          position_buckets=256, relative_attention=True, pos_att_type=["p2c", "c2p"],
+                          norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False,
+                          type_vocab_size=0, hidden_act="gelu", layer_norm_eps=1e-7, num_labels=2)
+    DebertaV2ForSequenceClassification(cfg).save_pretrained(out)
+    try:
+        AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(out)
+    except Exception:  # noqa: BLE001 - the benchmark feeds token ids; a tokenizer is optional
+        pass
+    return out
+
+
+BASES = {"minilm": lambda cache: minilm_path(cache), "bert-base": bert_base_path, "deberta-v3": deberta_v3_path}
+
+
 def seen_rows(base_path: Path, n: int = 4000) -> tuple[torch.Tensor, int]:
     """Token ids and the sequence length a fine-tune on ``n`` SST-2 training sentences touches.
 
@@ -115,16 +142,19 @@ def make_tenants(base_path: Path, T: int, seed: int = 0, rows: str = "seen") -> 
     :func:`seen_rows`), the others stay exactly equal to the base; ``rows="all"``: every row of
     every tensor changes (the worst case for the artifact's size).
     """
-    from transformers import BertForSequenceClassification
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 
     g = torch.Generator().manual_seed(seed)
-    base = load_model(base_path, cls=BertForSequenceClassification, num_labels=2)
+    cls = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(AutoConfig.from_pretrained(base_path))]
+    base = load_model(base_path, cls=cls, num_labels=2)
     touched = {}
     if rows == "seen":
         tokens, length = seen_rows(base_path)
-        touched = {"bert.embeddings.word_embeddings.weight": tokens,
-                   "bert.embeddings.position_embeddings.weight": torch.arange(length),
-                   "bert.embeddings.token_type_embeddings.weight": torch.tensor([0])}
+        prefix = base.module.base_model_prefix
+        touched = {f"{prefix}.embeddings.word_embeddings.weight": tokens,
+                   f"{prefix}.embeddings.position_embeddings.weight": torch.arange(length),
+                   f"{prefix}.embeddings.token_type_embeddings.weight": torch.tensor([0])}
     elif rows != "all":
         raise ValueError(f"rows must be 'seen' or 'all', got {rows!r}")
     ft_state = {}
@@ -296,6 +326,8 @@ def run_config(base_path: Path, label: str, T: int, law: str, args, shared) -> d
     out["pool_bytes"] = sum(mem["tenants"][n]["packed"] for n in names)
     out["cache_bytes"] = mem["cache_bytes"]
     out["cpu_kernel"] = eng._kernel is not None
+    out["path"] = mem["path"]
+    out["derived_cache_bytes"] = mem["derived_cache_bytes"]
     for k in fns:
         s = out[f"{k}_s"]
         out[f"{k}_seq_per_s"] = round(B / s, 2) if s else None
@@ -308,7 +340,7 @@ def run_config(base_path: Path, label: str, T: int, law: str, args, shared) -> d
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="CI-sized run: MiniLM, T in {1, 4}, 1 rep")
-    ap.add_argument("--models", nargs="+", default=["minilm", "bert-base"], choices=["minilm", "bert-base"])
+    ap.add_argument("--models", nargs="+", default=["minilm", "bert-base"], choices=sorted(BASES))
     ap.add_argument("--tenants", nargs="+", type=int, default=[1, 4, 16, 64])
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=64)
@@ -331,7 +363,7 @@ def main(argv=None) -> dict:
     cache.mkdir(parents=True, exist_ok=True)
     rows = []
     for label in args.models:
-        base_path = minilm_path(cache) if label == "minilm" else bert_base_path(cache)
+        base_path = BASES[label](cache)
         Tmax = max(args.tenants)
         base, arts = make_tenants(base_path, Tmax, rows=args.rows)
         per_model = sum(t.numel() * t.element_size() for t in base.module.state_dict().values())

@@ -1552,7 +1552,10 @@ class MultiTenantEngine:
                 "cache_misses": self._cache.misses,
                 "cache_evictions": self._cache.evictions,
                 "cache_rejections": self._cache.rejections,
+                "derived_cache_bytes": self._rt.derived.used,
                 "cpu_kernel": self._kernel is not None,
+                "path": self.path,
+                "per_group_modules": sorted(set(self.per_group_modules)),
                 "tenants": tenants,
             }
 
