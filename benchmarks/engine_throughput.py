@@ -319,6 +319,7 @@ def run_config(base_path: Path, label: str, T: int, law: str, args, shared) -> d
         eng0.forward(enc, [names[a] for a in assign[r]])
 
     fns = {"a": run_a, "b": run_b, "c": run_c, "cg": run_cg, "d": run_d, "d0": run_d0 if eng0 is not None else None}
+    fns = {k: None if k in args.skip else f for k, f in fns.items()}
     res = timed_interleaved({k: f for k, f in fns.items() if f is not None}, args.reps, args.device)
     for k in fns:
         out[f"{k}_s"] = res.get(k)
@@ -333,6 +334,7 @@ def run_config(base_path: Path, label: str, T: int, law: str, args, shared) -> d
         out[f"{k}_seq_per_s"] = round(B / s, 2) if s else None
     for k in ("a", "b", "c", "cg", "d0"):
         out[f"d_over_{k}"] = round(out[f"{k}_s"] / out["d_s"], 3) if out[f"{k}_s"] else None
+    out["d_throughput_over_a"] = out["d_over_a"]  # engine seq/s ÷ dense seq/s
     log.info("%s", out)
     return out
 
@@ -351,6 +353,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--no-cpu-kernel", action="store_true", help="run (d) without the compiled CPU kernel")
     ap.add_argument("--no-plain", action="store_true", help="skip (d0), the engine without the compiled kernel")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["b", "c", "cg"],
+                    help="baselines to leave out (the swap baselines take minutes per batch on large models)")
     ap.add_argument("--rows", choices=["seen", "all"], default="seen",
                     help="embedding rows the synthetic fine-tunes change: those SST-2 touches, or all")
     args = ap.parse_args(argv)
