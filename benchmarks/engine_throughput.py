@@ -224,19 +224,21 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def timed_interleaved(fns: dict, reps: int, device="cpu") -> dict:
+def timed_interleaved(fns: dict, reps: int, device="cpu", clock=time.perf_counter) -> dict:
     """Median seconds per call of each method; methods alternate within every repetition so
-    that a noisy (shared) machine slows them alike."""
+    that a noisy (shared) machine slows them alike. ``clock``: wall time, or the process's CPU
+    time (``time.process_time``: on a loaded machine with one torch thread, the time the work
+    itself took)."""
     for fn in fns.values():
         fn(0)  # warm-up (and fills the engine's cache)
     times = {k: [] for k in fns}
     for r in range(reps):
         for k, fn in fns.items():
             sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             fn(r + 1)
             sync(device)
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(clock() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -248,7 +250,7 @@ def run_config(base_path: Path, label: str, T: int, law: str, args, shared) -> d
     ids = torch.randint(1000, 30000, (B, L), generator=g).to(args.device)
     enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     assign = [popularity(T, law, B, seed=100 + r) for r in range(args.reps + 1)]
-    out = {"model": label, "tenants": T, "law": law, "batch": B, "seq": L}
+    out = {"model": label, "tenants": T, "law": law, "batch": B, "seq": L, "clock": args.clock}
 
     # (a) one dense fine-tune on the whole batch
     dense0 = shared["dense"][0]
@@ -320,7 +322,8 @@ def run_config(base_path: Path, label: str, T: int, law: str, args, shared) -> d
 
     fns = {"a": run_a, "b": run_b, "c": run_c, "cg": run_cg, "d": run_d, "d0": run_d0 if eng0 is not None else None}
     fns = {k: None if k in args.skip else f for k, f in fns.items()}
-    res = timed_interleaved({k: f for k, f in fns.items() if f is not None}, args.reps, args.device)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    res = timed_interleaved({k: f for k, f in fns.items() if f is not None}, args.reps, args.device, clock)
     for k in fns:
         out[f"{k}_s"] = res.get(k)
     mem = eng.memory_report()
@@ -353,6 +356,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--no-cpu-kernel", action="store_true", help="run (d) without the compiled CPU kernel")
     ap.add_argument("--no-plain", action="store_true", help="skip (d0), the engine without the compiled kernel")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="wall time, or process CPU time (use with --threads 1 on a shared machine)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["b", "c", "cg"],
                     help="baselines to leave out (the swap baselines take minutes per batch on large models)")
     ap.add_argument("--rows", choices=["seen", "all"], default="seen",

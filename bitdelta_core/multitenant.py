@@ -4,7 +4,8 @@ How a batch runs
 ----------------
 Every row of a batch names a tenant (a registered delta) or the base. Before the forward the
 engine computes *groups*: ``(slot, row_indices)`` per tenant present. Every parameter-bearing
-leaf module of the base model is wrapped once (:class:`TenantLayer`); in the forward a wrapper
+module of the base model is wrapped once (:class:`TenantLayer`, its class chosen by the module's
+exact type); in the forward a wrapper
 
 * returns the plain base output when the whole batch is base-only,
 * for embeddings, gathers ``E_base[ids] + α[ids] ⊙ sign(Δ)[ids]`` straight from the packed
@@ -21,9 +22,19 @@ leaf module of the base model is wrapped once (:class:`TenantLayer`); in the for
   per layer, not once per tenant (same values as the merged path; faster than even cached
   merged weights on the 2-core benchmark machine).
 
-Everything that is not a parameterised leaf (attention, activations, pooling) runs once for
+Everything that is not a parameterised module (attention, activations, pooling) runs once for
 the whole batch. Heads may differ per tenant (``num_labels``, label names, problem type): the
-logits are padded to the widest head in the batch and cut per row afterwards.
+logits are padded to the widest head in the batch and cut per row afterwards. A batch of one
+tenant alone takes a fast path decided once per batch (each layer runs that tenant's weights,
+cached merged weights where the cache admits the tenant).
+
+Parameters read outside a module's ``forward`` (DeBERTa's relative-position table): reading a
+wrapped layer's parameter gives the running batch's value, in a mixed batch a
+:class:`GroupedValue` (one part per tenant group) that layers and tensor operations apply part
+by part; a module whose code combines it with per-row data runs once per group
+(:class:`GroupSplit`). The start-up self-check finds those modules and picks the engine's
+``path``: ``"mixed"``, or ``"fallback"`` (one forward per tenant group) where no set of such
+modules makes a mixed batch exact.
 
 Memory tiers
 ------------
