@@ -330,8 +330,8 @@ def run_config(base_path: Path, label: str, T: int, law: str, args, shared) -> d
     out["pool_bytes"] = sum(mem["tenants"][n]["packed"] for n in names)
     out["cache_bytes"] = mem["cache_bytes"]
     out["cpu_kernel"] = eng._kernel is not None
-    out["path"] = mem["path"]
-    out["derived_cache_bytes"] = mem["derived_cache_bytes"]
+    out["path"] = mem.get("path", "mixed")
+    out["derived_cache_bytes"] = mem.get("derived_cache_bytes", 0)
     for k in fns:
         s = out[f"{k}_s"]
         out[f"{k}_seq_per_s"] = round(B / s, 2) if s else None
@@ -410,6 +410,7 @@ def main(argv=None) -> dict:
           "pool B/tenant ÷ artifact |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        r = {k: ("-" if v is None else v) for k, v in r.items()}  # a skipped baseline
         md.append(f"| {r['model']} | {r['tenants']} | {r['law']} | {r['a_seq_per_s']} | {r['b_seq_per_s'] or 'n/a (memory)'} | "
                   f"{r['c_seq_per_s']} | {r['cg_seq_per_s']} | {r['d_seq_per_s']}{'' if r['cpu_kernel'] else ' (plain)'} | "
                   f"{r['d0_seq_per_s'] or '-'} | {r['d_over_a']} | {r['d_over_b'] or '-'} | "
