@@ -1,6 +1,7 @@
 """Multi-tenant engine throughput and memory against the alternatives, measured side by side.
 
-For each base (MiniLM-L6, a BERT-base-sized config), T tenants and a popularity law
+For each base (MiniLM-L6, a BERT-base-sized config; ``--models deberta-v3``: a DeBERTa-v3-base-sized
+config, see :func:`deberta_v3_path`), T tenants and a popularity law
 (uniform, Zipf(1.0)), on batches of 32 sequences x 64 tokens where each row names a tenant:
 
   (a) one dense fine-tuned model on the whole batch (the upper bound: no multi-tenancy at all)
@@ -94,6 +95,32 @@ def bert_base_path(cache: Path) -> Path:
     return out
 
 
+def deberta_v3_path(cache: Path) -> Path:
+    """A DeBERTa-v3-base-sized random-init base (the real config's shapes: relative attention
+    with 256 log buckets, a LayerNorm on the relative embeddings, shared attention keys, no
+    absolute positions, 128,100 tokens) with MiniLM's tokenizer (its ids are a subset)."""
+    out = cache / "deberta_v3_base_random"
+    if (out / "config.json").exists():
+        return out
+    from transformers import AutoTokenizer, DebertaV2Config, DebertaV2ForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = DebertaV2Config(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                          vocab_size=128100, max_position_embeddings=512, max_relative_positions=-1,
+                          position_buckets=256, relative_attention=True, pos_att_type=["p2c", "c2p"],
+                          norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False,
+                          type_vocab_size=0, hidden_act="gelu", layer_norm_eps=1e-7, num_labels=2)
+    DebertaV2ForSequenceClassification(cfg).save_pretrained(out)
+    try:
+        AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(out)
+    except Exception:  # noqa: BLE001 - the benchmark feeds token ids; a tokenizer is optional
+        pass
+    return out
+
+
+BASES = {"minilm": lambda cache: minilm_path(cache), "bert-base": bert_base_path, "deberta-v3": deberta_v3_path}
+
+
 def seen_rows(base_path: Path, n: int = 4000) -> tuple[torch.Tensor, int]:
     """Token ids and the sequence length a fine-tune on ``n`` SST-2 training sentences touches.
 
@@ -122,16 +149,19 @@ def make_tenants(base_path: Path, T: int, seed: int = 0, rows: str = "seen") -> 
     :func:`seen_rows`), the others stay exactly equal to the base; ``rows="all"``: every row of
     every tensor changes (the worst case for the artifact's size).
     """
-    from transformers import BertForSequenceClassification
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 
     g = torch.Generator().manual_seed(seed)
-    base = load_model(base_path, cls=BertForSequenceClassification, num_labels=2)
+    cls = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(AutoConfig.from_pretrained(base_path))]
+    base = load_model(base_path, cls=cls, num_labels=2)
     touched = {}
     if rows == "seen":
         tokens, length = seen_rows(base_path)
-        touched = {"bert.embeddings.word_embeddings.weight": tokens,
-                   "bert.embeddings.position_embeddings.weight": torch.arange(length),
-                   "bert.embeddings.token_type_embeddings.weight": torch.tensor([0])}
+        prefix = base.module.base_model_prefix
+        touched = {f"{prefix}.embeddings.word_embeddings.weight": tokens,
+                   f"{prefix}.embeddings.position_embeddings.weight": torch.arange(length),
+                   f"{prefix}.embeddings.token_type_embeddings.weight": torch.tensor([0])}
     elif rows != "all":
         raise ValueError(f"rows must be 'seen' or 'all', got {rows!r}")
     ft_state = {}
@@ -201,19 +231,21 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def timed_interleaved(fns: dict, reps: int, device="cpu") -> dict:
+def timed_interleaved(fns: dict, reps: int, device="cpu", clock=time.perf_counter) -> dict:
     """Median seconds per call of each method; methods alternate within every repetition so
-    that a noisy (shared) machine slows them alike."""
+    that a noisy (shared) machine slows them alike. ``clock``: wall time, or the process's CPU
+    time (``time.process_time``: on a loaded machine with one torch thread, the time the work
+    itself took)."""
     for fn in fns.values():
         fn(0)  # warm-up (and fills the engine's cache)
     times = {k: [] for k in fns}
     for r in range(reps):
         for k, fn in fns.items():
             sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             fn(r + 1)
             sync(device)
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(clock() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -261,7 +293,7 @@ def run_config(base_path: Path, label: str, T: int, law: str, args, shared) -> d
     ids = torch.randint(1000, 30000, (B, L), generator=g).to(args.device)
     enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     assign = [popularity(T, law, B, seed=100 + r) for r in range(args.reps + 1)]
-    out = {"model": label, "tenants": T, "law": law, "batch": B, "seq": L}
+    out = {"model": label, "tenants": T, "law": law, "batch": B, "seq": L, "clock": args.clock}
 
     # (a) one dense fine-tune on the whole batch
     dense0 = shared["dense"][0]
@@ -328,8 +360,9 @@ def run_config(base_path: Path, label: str, T: int, law: str, args, shared) -> d
         eng0.forward(enc, [names[a] for a in assign[r]])
 
     fns = {"a": run_a, "b": run_b, "c": run_c, "cg": run_cg, "d": run_d, "d0": run_d0 if eng0 is not None else None}
-    fns = {k: (f if k == "d" or k in args.baselines else None) for k, f in fns.items()}
-    res = timed_interleaved({k: f for k, f in fns.items() if f is not None}, args.reps, args.device)
+    fns = {k: (f if k == "d" or (k in args.baselines and k not in args.skip) else None) for k, f in fns.items()}
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    res = timed_interleaved({k: f for k, f in fns.items() if f is not None}, args.reps, args.device, clock)
     if torch.device(args.device).type == "cuda":
         for k in ("a", "d", "d0"):
             out[f"{k}_forward_peak_bytes"] = forward_peak(fns[k], args.device) if fns[k] is not None else None
@@ -344,11 +377,14 @@ def run_config(base_path: Path, label: str, T: int, law: str, args, shared) -> d
     out["cpu_kernel"] = eng._kernel is not None
     out["triton_kernel"] = mem.get("triton_kernel", False)
     out["d0_cache_bytes"] = eng0.memory_report()["cache_bytes"] if eng0 is not None else None
+    out["path"] = mem.get("path", "mixed")
+    out["derived_cache_bytes"] = mem.get("derived_cache_bytes", 0)
     for k in fns:
         s = out[f"{k}_s"]
         out[f"{k}_seq_per_s"] = round(B / s, 2) if s else None
     for k in ("a", "b", "c", "cg", "d0"):
         out[f"d_over_{k}"] = round(out[f"{k}_s"] / out["d_s"], 3) if out.get(f"{k}_s") else None
+    out["d_throughput_over_a"] = out["d_over_a"]  # engine seq/s ÷ dense seq/s
     log.info("%s", out)
     return out
 
@@ -356,7 +392,7 @@ def run_config(base_path: Path, label: str, T: int, law: str, args, shared) -> d
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="CI-sized run: MiniLM, T in {1, 4}, 1 rep")
-    ap.add_argument("--models", nargs="+", default=["minilm", "bert-base"], choices=["minilm", "bert-base"])
+    ap.add_argument("--models", nargs="+", default=["minilm", "bert-base"], choices=sorted(BASES))
     ap.add_argument("--tenants", nargs="+", type=int, default=[1, 4, 16, 64])
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=64)
@@ -372,6 +408,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-triton", action="store_true", help="run (d) on CUDA without the Triton kernels")
     ap.add_argument("--no-cpu-kernel", action="store_true", help="run (d) without the compiled CPU kernel")
     ap.add_argument("--no-plain", action="store_true", help="skip (d0), the engine without the compiled kernel")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="wall time, or process CPU time (use with --threads 1 on a shared machine)")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["b", "c", "cg"],
+                    help="baselines to leave out (the swap baselines take minutes per batch on large models)")
     ap.add_argument("--rows", choices=["seen", "all"], default="seen",
                     help="embedding rows the synthetic fine-tunes change: those SST-2 touches, or all")
     args = ap.parse_args(argv)
@@ -387,7 +427,7 @@ def main(argv=None) -> dict:
     cache.mkdir(parents=True, exist_ok=True)
     rows = []
     for label in args.models:
-        base_path = minilm_path(cache) if label == "minilm" else bert_base_path(cache)
+        base_path = BASES[label](cache)
         Tmax = max(args.tenants)
         base, arts = make_tenants(base_path, Tmax, rows=args.rows)
         per_model = sum(t.numel() * t.element_size() for t in base.module.state_dict().values())
@@ -431,6 +471,7 @@ def main(argv=None) -> dict:
           "pool B/tenant ÷ artifact |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        r = {k: ("-" if v is None else v) for k, v in r.items()}  # a skipped baseline
         md.append(f"| {r['model']} | {r['tenants']} | {r['law']} | {r['a_seq_per_s']} | {r['b_seq_per_s'] or 'n/a (memory)'} | "
                   f"{r['c_seq_per_s']} | {r['cg_seq_per_s']} | {r['d_seq_per_s']}{'' if r['cpu_kernel'] else ' (plain)'} | "
                   f"{r['d0_seq_per_s'] or '-'} | {r['d_over_a']} | {r['d_over_b'] or '-'} | "

@@ -130,6 +130,19 @@ def test_engine_throughput_quick(tmp_path, monkeypatch, capsys):
         assert r["pool_bytes_per_tenant_over_artifact"] <= 1.25
 
 
+def test_engine_latency_quick(tmp_path, monkeypatch, capsys):
+    from benchmarks import engine_latency
+
+    monkeypatch.setenv("BENCH_OUT", str(tmp_path))
+    s = engine_latency.main(["--quick"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(json.dumps(s))
+    for ext in ("json", "md"):
+        assert (tmp_path / f"engine_latency_quick.{ext}").stat().st_size > 0
+    assert [(r["rows"], r["tenants"]) for r in s["rows"]] == [(1, 1), (8, 1), (32, 1), (32, 4)]
+    for r in s["rows"]:
+        assert all(r[k] > 0 for k in r if k.endswith("_ms")), r
+
+
 def test_fused_kernel_quick(tmp_path, monkeypatch):
     from bitdelta_core import cpu_kernel
     from benchmarks import fused_kernel

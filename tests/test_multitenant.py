@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from bitdelta_core import cpu_kernel
 from bitdelta_core.apply import apply
@@ -311,22 +314,115 @@ def test_cuda_mixed_batch_matches_cpu_reference(setup, dtype, atol):
         torch.testing.assert_close(logits[i, : ref.shape[0]], ref, atol=atol, rtol=0)
 
 
-def test_architecture_that_reads_weights_outside_forward_is_refused(tmp_path):
-    """DeBERTa-v2 reads its relative-position table directly: refused, never served wrongly."""
+def _deberta_v3_tiny(path):
     from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    from bitdelta_core.errors import ModelLoadError
 
     cfg = AutoConfig.for_model("deberta-v2", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                intermediate_size=64, vocab_size=VOCAB, relative_attention=True,
-                               pos_att_type=["p2c", "c2p"], max_relative_positions=16)
-    AutoModelForSequenceClassification.from_config(cfg).save_pretrained(tmp_path / "deberta")
-    with pytest.raises(ModelLoadError, match="DebertaV2ForSequenceClassification cannot be served"):
-        MultiTenantEngine(tmp_path / "deberta")
-    cfg = AutoConfig.for_model("albert", hidden_size=32, embedding_size=16, num_hidden_layers=2,
-                               num_attention_heads=2, intermediate_size=64, vocab_size=VOCAB)
-    AutoModelForSequenceClassification.from_config(cfg).save_pretrained(tmp_path / "albert")
-    assert MultiTenantEngine(tmp_path / "albert").architecture == "AlbertForSequenceClassification"
+                               pos_att_type=["p2c", "c2p"], max_relative_positions=-1, position_buckets=8,
+                               norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False)
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(cfg).save_pretrained(path)
+    return path
+
+
+def test_deberta_v3_relative_positions_mix_per_row(tmp_path):
+    """DeBERTa-v3 reads its relative-position table outside any layer's forward: the tenants'
+    tables and projections are applied per group inside the attention, the rest stays mixed."""
+    base = _deberta_v3_tiny(tmp_path / "base")
+    arts = {}
+    for name, labels, seed in (("a", 2, 1), ("b", 3, 2)):
+        arts[name] = compress(base, finetune_tiny(base, tmp_path / name, labels, seed=seed), progress=False)
+        # the fine-tune really changes the relative-position table (read outside forward)
+        assert arts[name].tensors["deberta.encoder.rel_embeddings.weight"].codec == "sign1"
+    refs = {n: apply(base, a) for n, a in arts.items()}
+    refs[None] = apply(base, compress(base, base, progress=False))
+    eng = MultiTenantEngine(base)
+    mem = eng.memory_report()
+    assert mem["path"] == "mixed" and mem["per_group_modules"] == ["DisentangledSelfAttention"]
+    for n, a in arts.items():
+        eng.register(n, a)
+    names = ["a", None, "b", "a", "b", None]
+    ids, mask = _batch(B=len(names))
+    for _ in range(2):  # the second pass reads the tenants' derived relative-position tensors from the cache
+        logits = eng.forward({"input_ids": ids, "attention_mask": mask}, names)
+        for i, ref in enumerate(_reference(refs, names, ids, mask)):
+            torch.testing.assert_close(logits[i, : ref.shape[0]], ref, atol=1e-4, rtol=0, msg=f"row {i}")
+    cached = eng.memory_report()["derived_cache_bytes"]
+    assert cached > 0
+    eng.unregister("a")
+    eng.unregister("b")
+    assert eng.memory_report()["derived_cache_bytes"] < cached  # the tenants' entries go with them
+
+
+class _ChannelsFirstNorm(nn.LayerNorm):
+    """A LayerNorm subclass that normalises dim 1 of (B, C, L) inputs (ConvNeXt-style): the
+    plain LayerNorm kernel would be wrong for it."""
+
+    def forward(self, x):
+        return F.layer_norm(x.transpose(1, 2), self.normalized_shape, self.weight, self.bias, self.eps).transpose(1, 2)
+
+
+class _NormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 16)
+        self.norm = _ChannelsFirstNorm(16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.norm(self.emb(input_ids).transpose(1, 2))  # (B, 16, L)
+        return (self.head(h.mean(-1)),)
+
+
+class _ReadsWeightNet(nn.Module):
+    """Uses a parameter's value as a Python number outside any forward: no per-row mixing can
+    express that, so the engine runs mixed batches once per tenant group."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 16)
+        self.gate = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, input_ids, attention_mask=None):
+        k = float(self.gate.weight.abs().mean())  # a Python float from a tenant's weight
+        return (self.head(torch.tanh(self.gate(self.emb(input_ids)) * k).mean(1)),)
+
+
+def _perturbed(model, seed):
+    ft = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in ft.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return ft
+
+
+@pytest.mark.parametrize("net,path", [(_NormNet, "mixed"), (_ReadsWeightNet, "fallback")], ids=["subclass", "fallback"])
+def test_subclass_kernels_and_fallback_path(net, path):
+    torch.manual_seed(0)
+    base = net().eval()
+    fts = {"a": _perturbed(base, 1), "b": _perturbed(base, 2)}
+    arts = {n: compress(base, ft, progress=False) for n, ft in fts.items()}
+    refs = {n: apply(copy.deepcopy(base), a).eval() for n, a in arts.items()}
+    refs[None] = base
+    eng = MultiTenantEngine(copy.deepcopy(base))
+    assert eng.path == path and eng.memory_report()["path"] == path
+    if net is _NormNet:  # a subclass takes the generic path, never the plain LayerNorm kernel
+        from bitdelta_core.multitenant import _generic_kernel
+
+        assert eng.model.norm.kernel is _generic_kernel
+    for n, a in arts.items():
+        eng.register(n, a)
+    names = ["a", None, "b", "b", "a"]
+    ids, _ = _batch(B=len(names))
+    logits = eng.forward({"input_ids": ids}, names)
+    for i, n in enumerate(names):
+        with torch.no_grad():
+            ref = refs[n](input_ids=ids[i : i + 1])[0][0]
+        torch.testing.assert_close(logits[i, : ref.shape[0]], ref, atol=1e-4, rtol=0, msg=f"row {i}")
+    assert not torch.allclose(logits[0], logits[1], atol=1e-3)
 
 
 def test_working_cache_keeps_hot_tenants_while_a_tail_streams_through():
