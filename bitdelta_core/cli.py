@@ -333,15 +333,8 @@ def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | No
     """Run one command; returns the exit status (2 for a :class:`BitDeltaError`, 141 when the
     reader of stdout went away, as for a process killed by SIGPIPE)."""
     parser = parser or build_parser()
-    args = parser.parse_args(argv)
-    level = logging.WARNING - 10 * min(args.verbose + 1, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not args.progress:
-        silence_progress_bars()
     try:
-        rc = int(args.func(args) or 0)
-        sys.stdout.flush()  # a closed pipe shows up here at the latest, not at interpreter exit
-        return rc
+        return _run(parser, argv)
     except BrokenPipeError:
         # `bitdelta inspect X | head -3`: the reader is gone; end quietly. stdout is pointed at
         # devnull so the interpreter's final flush does not raise again.
@@ -349,10 +342,26 @@ def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | No
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         return 141
+
+
+def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit:  # --help, usage errors: their output meets a closed pipe here, not at exit
+        sys.stdout.flush()
+        raise
+    level = logging.WARNING - 10 * min(args.verbose + 1, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.progress:
+        silence_progress_bars()
+    try:
+        rc = int(args.func(args) or 0)
     except BitDeltaError as e:
         logger.debug("error", exc_info=True)
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        rc = 2
+    sys.stdout.flush()
+    return rc
 
 
 if __name__ == "__main__":
