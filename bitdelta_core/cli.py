@@ -73,6 +73,7 @@ def add_core_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_compress(args) -> int:
+    from .codec import codec_counts, format_counts
     from .compress import compress, load_pair, plan
     from .errors import ConfigError
     from .select import CompressionConfig
@@ -87,18 +88,12 @@ def _cmd_compress(args) -> int:
         width = max(len(p.name) for p in plans)
         for p in plans:
             print(f"{p.name:<{width}}  {str(list(p.shape)):<14} {p.codec.value:<8} {p.reason}")
-        counts: dict[str, int] = {}
-        for p in plans:
-            counts[p.codec.value] = counts.get(p.codec.value, 0) + 1
-        print(f"{len(plans)} tensors: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+        print(f"{len(plans)} tensors: " + format_counts(codec_counts(p.codec for p in plans)))
         return 0
     art = compress(base, ft, config, progress=args.progress)
     size = art.save(args.out)
-    counts = {}
-    for e in art.tensors.values():
-        counts[e.codec.value] = counts.get(e.codec.value, 0) + 1
     print(f"wrote {args.out}: {len(art.tensors)} tensors ("
-          + ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+          + format_counts(codec_counts(e.codec for e in art.tensors.values()))
           + f"), {size} bytes, {size * 8 / max(art.num_parameters, 1):.4f} bits/parameter "
           f"({art.num_parameters} parameters)")
     return 0
@@ -106,6 +101,8 @@ def _cmd_compress(args) -> int:
 
 def _cmd_inspect(args) -> int:
     import json
+
+    from .codec import format_counts
 
     from .artifact import inspect_artifact
 
@@ -132,7 +129,7 @@ def _cmd_inspect(args) -> int:
         bpp = r["bytes"] * 8 / r["numel"] if r["numel"] else 0.0
         print(f"{r['name']:<{width}}  {str(r['shape']):<14} {r['codec']:<8} {r.get('granularity', '-'):<6} "
               f"{r.get('rows_stored', '-'):>10} {r['bytes']:>10} {bpp:>10.3f}")
-    counts = ", ".join(f"{k}={v}" for k, v in sorted(info["codec_counts"].items()))
+    counts = format_counts(info["codec_counts"])
     bpp = info["bits_per_parameter"]
     print(f"total: {len(rows)} tensors ({counts}), {info['file_bytes']} bytes for {info['num_parameters']} "
           f"parameters = {bpp:.4f} bits/parameter all-inclusive (fp32: 32)" if bpp is not None else "total: 0 parameters")

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 from pydantic import BaseModel, SecretStr
 
 from bitdelta_core import cli as core_cli
+from bitdelta_core.naming import NAME_RULE
 
 logger = logging.getLogger("bitdelta")
 
@@ -143,7 +144,7 @@ def add_serve_commands(sub: argparse._SubParsersAction) -> None:
                                    "$BITDELTA_ADMIN_TOKEN.")
     p.add_argument("file", metavar="FILE", help="delta artifact (.safetensors) made by 'bitdelta compress'")
     p.add_argument("--url", required=True, help="service base URL, e.g. http://127.0.0.1:8000")
-    p.add_argument("--name", required=True, help="model name (1-64 of A-Z a-z 0-9 . _ -, starting alphanumeric)")
+    p.add_argument("--name", required=True, help=f"model name ({NAME_RULE})")
     p.add_argument("--token", help="admin bearer token (default: $BITDELTA_ADMIN_TOKEN)")
     p.add_argument("--replace", action=argparse.BooleanOptionalAction, default=False,
                    help="overwrite an existing model of that name")
