@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -38,9 +39,16 @@ def test_data_dir_env_overrides(monkeypatch, tmp_path):
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
+    # built from a copy of the sources: an in-tree build would leave build/ and *.egg-info here
+    src = tmp_path_factory.mktemp("src")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "cache", "*.egg-info")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    for name in ("bitdelta_core", "serve", "benchmarks"):
+        shutil.copytree(ROOT / name, src / name, ignore=ignore)
     out = tmp_path_factory.mktemp("wheel")
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
-                        "--wheel-dir", str(out), str(ROOT)], capture_output=True, text=True, timeout=600)
+                        "--wheel-dir", str(out), str(src)], capture_output=True, text=True, timeout=600)
     if r.returncode != 0:
         pytest.fail(f"building the wheel failed:\n{r.stdout}\n{r.stderr}")
     (whl,) = out.glob("bitdelta_serve-*.whl")
