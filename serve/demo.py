@@ -45,12 +45,13 @@ class DemoSettings:
 
     ``steps`` / ``batch_size`` (when given) rebuild the deltas with that training budget instead
     of using the shipped ones (a quick demo on a slow machine); ``rebuild`` rebuilds them with the
-    shipped recipe. ``eval_examples`` held-out examples per task are classified through the API.
+    shipped recipe. ``eval_examples`` held-out examples per task are classified through the API
+    (default: the recipe's held-out set, the examples the build measured, so the figures compare).
     """
 
     steps: int | None = None
     batch_size: int | None = None
-    eval_examples: int = 200
+    eval_examples: int | None = None
     seed: int = 0
     rebuild: bool = False
 
@@ -138,13 +139,14 @@ def prepare(cache: Path, tasks=DEMO_TASKS, settings: DemoSettings = DemoSettings
     return result
 
 
-def served_accuracy(client, task: str, n: int, seed: int) -> float:
+def served_accuracy(client, task: str, n: int, seed: int) -> tuple[float, int]:
+    """Accuracy through the API on ``n`` held-out examples (all when the split is smaller)."""
     texts, labels = _eval_set(task, n, seed)
     correct = 0
     for i in range(0, len(texts), 32):
         preds = client.classify(task, texts[i : i + 32])
         correct += sum(p["label"] == y for p, y in zip(preds, labels[i : i + 32]))
-    return correct / len(texts)
+    return correct / len(texts), len(texts)
 
 
 def curl_examples(url: str, token_hint: str, model_file: str = ".cache/demo/artifacts/sst2.safetensors") -> str:
@@ -238,18 +240,18 @@ def run_demo(*, cache: str | os.PathLike = ".cache/demo", host: str = "127.0.0.1
                 sst2_file = sst2_file.resolve().relative_to(Path.cwd())
             print(curl_examples(url, token_hint, str(sst2_file)), flush=True)
             # already serving; now the accuracy check through the API (held-out examples)
-            print(f"[demo] accuracy through the API on {settings.eval_examples} held-out examples per task ...",
-                  flush=True)
+            print("[demo] accuracy through the API on held-out examples ...", flush=True)
             rows = []
             for task, man in prepared.items():
-                acc = served_accuracy(c, task, settings.eval_examples, settings.seed)
-                rows.append((task, man["heldout"], acc, man["bytes"]))
+                recipe = settings.recipe(task)
+                n = settings.eval_examples or recipe.eval_examples
+                seed = recipe.seed if settings.eval_examples is None else settings.seed
+                rows.append((task, man["heldout"], *served_accuracy(c, task, n, seed), man["bytes"]))
         print(f"  {'fine-tune':<10} {'built: fine-tuned fp32 / 1-bit delta (held-out)':>48}   "
               f"{'served through the API':>22}   delta size")
-        for task, h, a_srv, size in rows:
+        for task, h, a_srv, n_srv, size in rows:
             built = f"{h['finetuned_accuracy']:.1%} / {h['delta_accuracy']:.1%} ({h['examples']})"
-            print(f"  {task:<10} {built:>48}   {f'{a_srv:.1%} ({settings.eval_examples})':>22}   "
-                  f"{size / 1e6:.2f} MB")
+            print(f"  {task:<10} {built:>48}   {f'{a_srv:.1%} ({n_srv})':>22}   {size / 1e6:.2f} MB")
         print(f"[demo] serving at {url}; Ctrl-C stops it", flush=True)
         if not serve_forever:
             return 0
