@@ -112,7 +112,7 @@ def build_task(base: str | os.PathLike, task: str, recipe: Recipe, out_dir: str 
     and returns its manifest entry. The fine-tuned folder is kept under ``work_dir`` only while
     the build runs."""
     from bitdelta_core.compress import compress
-    from bitdelta_core.data import get_task, load_task
+    from bitdelta_core.data import default_data_dir, get_task, load_task
     from bitdelta_core.distill import DistillConfig, distill
     from bitdelta_core.evaluate import evaluate
     from bitdelta_core.finetune import finetune
@@ -147,7 +147,8 @@ def build_task(base: str | os.PathLike, task: str, recipe: Recipe, out_dir: str 
         "task": task, "file": final.name, "bytes": size, "num_parameters": dist.artifact.num_parameters,
         "bits_per_parameter": size * 8 / max(dist.artifact.num_parameters, 1),
         "labels": list(spec.labels or []), "recipe": recipe.key(),
-        "heldout": {"split": spec.eval_split, "examples": rep["examples"], "source": rep["source"],
+        "heldout": {"split": spec.eval_split, "examples": rep["examples"],
+                    "source": rep["source"].replace(str(default_data_dir()), "task_data"),
                     "finetuned_accuracy": m["original"]["accuracy"], "delta_accuracy": m["delta"]["accuracy"],
                     "delta_agreement": m["delta"]["agreement"]},
         "distill": {"loss_before": dist.loss_before, "loss_after": dist.loss_after},
