@@ -3,6 +3,8 @@
 Modules: :mod:`serve.config` (settings), :mod:`serve.schemas` (HTTP models), :mod:`serve.store`
 (artifact store on disk), :mod:`serve.batching` (dynamic batcher), :mod:`serve.metrics`
 (Prometheus text), :mod:`serve.app` (Ray Serve deployments + FastAPI ingress),
-:mod:`serve.run` (start/stop a local service), :mod:`serve.demo` (the one-command demo).
+:mod:`serve.run` (start/stop a local service), :mod:`serve.demo` (the one-command demo),
+:mod:`serve.demo_build` (the recipe of the demo's shipped deltas in ``serve/demo_data``),
+:mod:`serve.cli` (the ``bitdelta`` command: the core's commands plus serve/demo/register/models).
 Nothing is imported here: ``import serve.store`` must not pull in Ray or torch.
 """
