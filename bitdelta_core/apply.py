@@ -13,7 +13,7 @@ from torch import nn
 from .artifact import DeltaArtifact, load_artifact, parse_dtype
 from .errors import BaseMismatchError, ModelLoadError
 from .models import Fingerprinter, LoadedModel, ModelSource, load_model, load_tokenizer, resolve_class
-from .select import Codec
+from .codec import Codec
 
 logger = logging.getLogger(__name__)
 

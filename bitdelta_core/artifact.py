@@ -43,34 +43,24 @@ from safetensors.torch import load as st_load_bytes
 from safetensors.torch import save as st_save_bytes
 
 from . import __version__
-from .codec import SignDelta, from_tensors
+from .codec import Codec, SignDelta, codec_counts, from_tensors
+from .dtypes import DTYPES
 from .errors import (
     ArtifactContentError,
     ArtifactCorruptError,
     ArtifactNotFoundError,
     ArtifactVersionError,
 )
-from .select import Codec
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 METADATA_KEY = "bitdelta"
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 
-_DTYPE_NAMES = {
-    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
-    "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8,
-    "bool": torch.bool,
-}
-
-
-def dtype_name(dt: torch.dtype) -> str:
-    return str(dt).removeprefix("torch.")
-
-
 def parse_dtype(name: str) -> torch.dtype:
+    """A tensor's recorded dtype name -> ``torch.dtype``; :class:`ArtifactContentError` if unknown."""
     try:
-        return _DTYPE_NAMES[name]
+        return DTYPES[name]
     except KeyError:
         raise ArtifactContentError(f"unknown dtype {name!r}") from None
 
@@ -334,9 +324,7 @@ def inspect_artifact(path: str | os.PathLike) -> dict[str, Any]:
     art = load_artifact(path)
     size = os.path.getsize(path)
     rows = []
-    counts: dict[str, int] = {}
     for name, e in art.tensors.items():
-        counts[e.codec.value] = counts.get(e.codec.value, 0) + 1
         row = {"name": name, **e.meta(), "bytes": e.nbytes(), "numel": math.prod(e.shape)}
         if e.sign is not None:  # rows whose delta is zero are not stored (see codec)
             row["rows_stored"] = e.sign.kept
@@ -346,7 +334,7 @@ def inspect_artifact(path: str | os.PathLike) -> dict[str, Any]:
         "file_bytes": size,
         "num_parameters": art.num_parameters,
         "bits_per_parameter": size * 8 / art.num_parameters if art.num_parameters else None,
-        "codec_counts": counts,
+        "codec_counts": codec_counts(e.codec for e in art.tensors.values()),
         "base": {k: v for k, v in art.base.items() if k != "fingerprint_names"},
         "model": {k: v for k, v in art.model.items() if k != "config"},
         "tokenizer": art.tokenizer,

@@ -1,15 +1,22 @@
 """``bitdelta`` command line: a thin layer over the Python API.
 
-Each command group lives in its own ``add_*`` function so the groups stay independent.
+Each command group lives in its own ``add_*`` function so the groups stay independent. This
+module holds the core's groups (compress / inspect / apply, finetune / distill / eval) and is
+runnable on its own (``python -m bitdelta_core.cli``); the installed ``bitdelta`` command is
+:func:`serve.cli.main`, which adds the service's groups (serve / demo / register / models) to the
+same parser, so the core never imports the service.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from typing import Callable, Sequence
 
 from .errors import BitDeltaError
+from .progress import silence_progress_bars
 
 logger = logging.getLogger("bitdelta")
 
@@ -42,7 +49,6 @@ def add_core_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exclude", action="append", default=[], metavar="RULE",
                    help="keep tensors matching a rule dense. " + rule_help)
     p.add_argument("--dry-run", action="store_true", help="list the codec decision per tensor, write nothing")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
     p.set_defaults(func=_cmd_compress)
 
     p = sub.add_parser(
@@ -67,6 +73,7 @@ def add_core_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_compress(args) -> int:
+    from .codec import codec_counts, format_counts
     from .compress import compress, load_pair, plan
     from .errors import ConfigError
     from .select import CompressionConfig
@@ -81,18 +88,12 @@ def _cmd_compress(args) -> int:
         width = max(len(p.name) for p in plans)
         for p in plans:
             print(f"{p.name:<{width}}  {str(list(p.shape)):<14} {p.codec.value:<8} {p.reason}")
-        counts: dict[str, int] = {}
-        for p in plans:
-            counts[p.codec.value] = counts.get(p.codec.value, 0) + 1
-        print(f"{len(plans)} tensors: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+        print(f"{len(plans)} tensors: " + format_counts(codec_counts(p.codec for p in plans)))
         return 0
     art = compress(base, ft, config, progress=args.progress)
     size = art.save(args.out)
-    counts = {}
-    for e in art.tensors.values():
-        counts[e.codec.value] = counts.get(e.codec.value, 0) + 1
     print(f"wrote {args.out}: {len(art.tensors)} tensors ("
-          + ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+          + format_counts(codec_counts(e.codec for e in art.tensors.values()))
           + f"), {size} bytes, {size * 8 / max(art.num_parameters, 1):.4f} bits/parameter "
           f"({art.num_parameters} parameters)")
     return 0
@@ -100,6 +101,8 @@ def _cmd_compress(args) -> int:
 
 def _cmd_inspect(args) -> int:
     import json
+
+    from .codec import format_counts
 
     from .artifact import inspect_artifact
 
@@ -126,7 +129,7 @@ def _cmd_inspect(args) -> int:
         bpp = r["bytes"] * 8 / r["numel"] if r["numel"] else 0.0
         print(f"{r['name']:<{width}}  {str(r['shape']):<14} {r['codec']:<8} {r.get('granularity', '-'):<6} "
               f"{r.get('rows_stored', '-'):>10} {r['bytes']:>10} {bpp:>10.3f}")
-    counts = ", ".join(f"{k}={v}" for k, v in sorted(info["codec_counts"].items()))
+    counts = format_counts(info["codec_counts"])
     bpp = info["bits_per_parameter"]
     print(f"total: {len(rows)} tensors ({counts}), {info['file_bytes']} bytes for {info['num_parameters']} "
           f"parameters = {bpp:.4f} bits/parameter all-inclusive (fp32: 32)" if bpp is not None else "total: 0 parameters")
@@ -149,14 +152,15 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     def data_args(p, split_default: str, what: str) -> None:
         g = p.add_argument_group(
             "data", f"{what}: a registered task's shipped split (--task alone), or any labelled file (--data). "
-            "Examples: --task cola --data benchmarks/data/cola/train.tsv --no-header --text-col 0 --label-col 1; "
+            "Examples: --task cola --data cola_train.tsv --no-header --text-col 0 --label-col 1; "
             "--data mine.csv --text-col review --label-col stars --labels bad,good")
         g.add_argument("--task", help=f"registered task ({', '.join(sorted(TASKS))}): label set, metric, defaults")
         g.add_argument("--data", metavar="FILE", help="a TSV/CSV/JSONL file (overrides the task's shipped file)")
         g.add_argument("--split", default=split_default,
                        help=f"split of the task's shipped data when --data is not given (default {split_default}; "
                             "'eval' = the task's evaluation split)")
-        g.add_argument("--data-dir", help="where the shipped task files live (default: benchmarks/data or $BITDELTA_DATA_DIR)")
+        g.add_argument("--data-dir", help="where the task files live (default: $BITDELTA_DATA_DIR, else the copies shipped in "
+                            "the package, bitdelta_core/task_data)")
         g.add_argument("--format", choices=["tsv", "csv", "jsonl"], help="file format (default: from the extension)")
         g.add_argument("--header", action=argparse.BooleanOptionalAction, default=None,
                        help="the first row is a header (default: auto-detect from known column names)")
@@ -180,7 +184,6 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
     p.add_argument("--seed", type=int, default=0, help="training seed")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
     p.set_defaults(func=_cmd_finetune, max_examples_default=4000)
 
     p = sub.add_parser("distill", help="train a delta's scales to match the fine-tune's outputs (BitDelta step 2)",
@@ -201,7 +204,6 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hidden-mse", type=float, default=0.0, metavar="WEIGHT",
                    help="add WEIGHT x hidden-state MSE (all layers) to the logit MSE (default 0: logits only)")
     p.add_argument("--seed", type=int, default=0, help="seed")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
     p.set_defaults(func=_cmd_distill, max_examples_default=None)
 
     p = sub.add_parser("eval", help="accuracy, task metric, agreement and size of a fine-tune and its deltas",
@@ -216,7 +218,6 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
     p.add_argument("--max-length", type=int, default=128, help="max tokens per example (default 128)")
     p.add_argument("--json", metavar="FILE", help="also write the full report as JSON")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
     p.set_defaults(func=_cmd_eval, max_examples_default=None)
 
 
@@ -300,157 +301,64 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-def add_serve_commands(sub: argparse._SubParsersAction) -> None:
-    """serve / demo / register / models (issue: service)."""
-    # COMMANDS-SERVE
-    p = sub.add_parser(
-        "serve", help="run the multi-tenant HTTP service locally (Ray Serve; Ctrl-C stops it)",
-        description="Start a local Ray instance and the service: one base model, the fine-tunes in --store, "
-                    "HTTP API on --host:--port (127.0.0.1 by default; use 0.0.0.0 deliberately). Every option "
-                    "can also come from the environment as BITDELTA_<OPTION> (e.g. BITDELTA_ADMIN_TOKEN, "
-                    "which is better than --admin-token on a shared machine).",
-    )
-    p.add_argument("--base", help="base model: HF folder (default: $BITDELTA_BASE, else the MiniLM-L6 package)")
-    p.add_argument("--store", help="artifact store directory (default .cache/store)")
-    p.add_argument("--host", help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="port (default 8000)")
-    p.add_argument("--device", help="torch device of the engine replicas (default cpu)")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="compute dtype (default float32)")
-    p.add_argument("--num-replicas", type=int, help="engine replicas (default 1)")
-    p.add_argument("--replica-num-cpus", type=float, help="Ray CPUs per engine replica (default 0.5)")
-    p.add_argument("--max-batch-size", type=int, help="max inputs per batched forward (default 32)")
-    p.add_argument("--max-wait-ms", type=float, help="max wait for a batch to fill (default 5)")
-    p.add_argument("--max-batch-tokens", type=int, help="padded-token budget per forward (default 16384)")
-    p.add_argument("--max-inputs", type=int, help="max inputs per request (default 64)")
-    p.add_argument("--admin-token", help="bearer token for register/delete (prefer $BITDELTA_ADMIN_TOKEN)")
-    p.add_argument("--classify-token", help="bearer token for classify/list (default: open)")
-    p.add_argument("--ray-num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
-    p.set_defaults(func=_cmd_serve)
+CommandGroup = Callable[[argparse._SubParsersAction], None]
 
-    p = sub.add_parser(
-        "demo", help="the one-command demo: MiniLM-L6 + 3 real 1-bit fine-tunes, served on 127.0.0.1:8000",
-        description="Fine-tune MiniLM-L6 on SST-2, AG News and SUBJ (short CPU runs, cached under --cache), "
-                    "compress each to a 1-bit delta, start the service, register them over HTTP, report "
-                    "accuracy through the API and print example curl commands. Ctrl-C stops it.",
-    )
-    p.add_argument("--cache", default=".cache/demo", help="cache directory (default .cache/demo)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--steps", type=int, default=40, help="training steps per task (default 40)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--eval-examples", type=int, default=200, help="held-out examples per task for the accuracy table")
-    p.add_argument("--serve", action=argparse.BooleanOptionalAction, default=True,
-                   help="keep serving until Ctrl-C (--no-serve: exit once ready, e.g. for CI)")
-    p.set_defaults(func=_cmd_demo)
-
-    p = sub.add_parser("register", help="register a 1-bit delta file with a running service (admin)",
-                       description="POST FILE to URL/v1/models as NAME. The admin token comes from --token or "
-                                   "$BITDELTA_ADMIN_TOKEN.")
-    p.add_argument("file", metavar="FILE", help="delta artifact (.safetensors) made by 'bitdelta compress'")
-    p.add_argument("--url", required=True, help="service base URL, e.g. http://127.0.0.1:8000")
-    p.add_argument("--name", required=True, help="model name (1-64 of A-Z a-z 0-9 . _ -, starting alphanumeric)")
-    p.add_argument("--token", help="admin bearer token (default: $BITDELTA_ADMIN_TOKEN)")
-    p.add_argument("--replace", action=argparse.BooleanOptionalAction, default=False,
-                   help="overwrite an existing model of that name")
-    p.set_defaults(func=_cmd_register)
-
-    p = sub.add_parser("models", help="list the fine-tunes a running service serves")
-    p.add_argument("--url", required=True, help="service base URL, e.g. http://127.0.0.1:8000")
-    p.add_argument("--token", help="classify bearer token if the service requires one ($BITDELTA_CLASSIFY_TOKEN)")
-    p.add_argument("--json", action="store_true", help="print the JSON answer")
-    p.set_defaults(func=_cmd_models)
+CORE_COMMANDS: tuple[CommandGroup, ...] = (add_core_commands, add_data_commands)
 
 
-def _cmd_serve(args) -> int:
-    import os
+def build_parser(groups: Sequence[CommandGroup] = CORE_COMMANDS) -> argparse.ArgumentParser:
+    """The ``bitdelta`` parser with the given command groups (default: the core's own).
 
-    from serve.config import ServeConfig
-    from serve.run import serve_forever
-
-    values = {k: getattr(args, k) for k in (
-        "base", "store", "host", "port", "device", "dtype", "num_replicas", "replica_num_cpus", "max_batch_size",
-        "max_wait_ms", "max_batch_tokens", "max_inputs", "admin_token", "classify_token")}
-    if not values["base"] and not os.environ.get("BITDELTA_BASE"):
-        from serve.demo import base_path
-
-        values["base"] = str(base_path())
-    cfg = ServeConfig.load(values)
-    if cfg.admin_token is None:
-        logger.warning("no admin token: POST/DELETE /v1/models answer 401 (set BITDELTA_ADMIN_TOKEN)")
-
-    def banner(url: str) -> None:
-        print(f"serving {cfg.base} from store {cfg.store} at {url} ({cfg.num_replicas} engine replica(s)); "
-              f"docs at {url}/docs; Ctrl-C stops", flush=True)
-
-    serve_forever(cfg, ray_num_cpus=args.ray_num_cpus, banner=banner)
-    return 0
-
-
-def _cmd_demo(args) -> int:
-    from serve.demo import DemoSettings, run_demo
-
-    settings = DemoSettings(steps=args.steps, batch_size=args.batch_size, eval_examples=args.eval_examples)
-    return run_demo(cache=args.cache, host=args.host, port=args.port, settings=settings, serve_forever=args.serve)
-
-
-def _cmd_register(args) -> int:
-    from serve.client import Client, ServiceError
-
-    try:
-        with Client(args.url, admin_token=args.token) as c:
-            info = c.register(args.name, args.file, replace=args.replace)
-    except ServiceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"registered {info['name']}: {info['num_labels']} labels {info['labels']}, {info['bytes']} bytes resident")
-    return 0
-
-
-def _cmd_models(args) -> int:
-    import json
-
-    from serve.client import Client, ServiceError
-
-    try:
-        with Client(args.url, token=args.token) as c:
-            models = c.models()
-    except ServiceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps({"models": models}, indent=2))
-        return 0
-    print(f"{'name':<24} {'labels':<40} {'bytes':>10}  created")
-    for m in models:
-        labels = ",".join(m["labels"]) if m["labels"] else "(regression)"
-        print(f"{m['name']:<24} {labels[:40]:<40} {m['bytes']:>10}  {m['created']}")
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
+    Every command accepts ``--progress/--no-progress`` (also before the command name).
+    """
     parser = argparse.ArgumentParser(prog="bitdelta", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="show progress bars (--no-progress: none, from any library or worker process)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_core_commands(sub)
-    add_data_commands(sub)
-    add_serve_commands(sub)
-    from serve.access.cli import add_access_commands  # keys create/list/revoke, audit
-
-    add_access_commands(sub)
+    for add in groups:
+        add(sub)
+    for p in sub.choices.values():
+        if not any("--progress" in a.option_strings for a in p._actions):
+            # SUPPRESS: a command that does not repeat the flag keeps the top-level value
+            p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help="show progress bars (default: yes)")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    """Run one command; returns the exit status (2 for a :class:`BitDeltaError`, 141 when the
+    reader of stdout went away, as for a process killed by SIGPIPE)."""
+    parser = parser or build_parser()
+    try:
+        return _run(parser, argv)
+    except BrokenPipeError:
+        # `bitdelta inspect X | head -3`: the reader is gone; end quietly. stdout is pointed at
+        # devnull so the interpreter's final flush does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141
+
+
+def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit:  # --help, usage errors: their output meets a closed pipe here, not at exit
+        sys.stdout.flush()
+        raise
     level = logging.WARNING - 10 * min(args.verbose + 1, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.progress:
+        silence_progress_bars()
     try:
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
     except BitDeltaError as e:
         logger.debug("error", exc_info=True)
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        rc = 2
+    sys.stdout.flush()
+    return rc
 
 
 if __name__ == "__main__":

@@ -30,12 +30,34 @@ engine are tested against.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from enum import Enum
+from typing import Iterable
 
 import torch
 
 from .packing import pack_bits, pack_signs, packed_numel, unpack_bits, unpack_signs
+
+
+class Codec(str, Enum):
+    """How one tensor of a fine-tune is stored in an artifact."""
+
+    SIGN1 = "sign1"  # packed signs + scales (rank >= 2, same shape as base)
+    RESIZED = "resized"  # sign1 on rows shared with the base + dense extra rows
+    DENSE = "dense"  # the fine-tuned tensor stored as is (cast to dense_dtype)
+    BASE = "base"  # identical to the base: nothing stored
+
+
+def codec_counts(codecs: Iterable[Codec]) -> dict[str, int]:
+    """``{codec value: number of tensors}``, sorted by codec value."""
+    counts = Counter(Codec(c).value for c in codecs)
+    return dict(sorted(counts.items()))
+
+
+def format_counts(counts: dict[str, int]) -> str:
+    """``{"dense": 2, "sign1": 5}`` -> ``"dense=2, sign1=5"``."""
+    return ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
 
 _FP16_MIN_NORMAL = 6.104e-05
 _FP16_MAX = 65504.0

@@ -16,11 +16,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .artifact import DeltaArtifact, TensorEntry, dtype_name
+from .artifact import DeltaArtifact, TensorEntry
+from .codec import Codec, codec_counts, format_counts
+from .dtypes import dtype_name
 from .codec import encode
 from .errors import ArchitectureMismatchError, ModelLoadError
 from .models import Fingerprinter, LoadedModel, ModelSource, load_model, load_tokenizer
-from .select import Codec, CompressionConfig, TensorPlan, decide
+from .select import CompressionConfig, TensorPlan, decide
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +198,7 @@ def compress(
     )
     logger.info(
         "compressed %d tensors (%s): %.3f MB payload, %.3f bits/param",
-        len(entries), _codec_counts(entries), art.stored_bytes() / 1e6,
+        len(entries), format_counts(codec_counts(e.codec for e in entries.values())), art.stored_bytes() / 1e6,
         art.stored_bytes() * 8 / max(num_params, 1),
     )
     return art
@@ -240,13 +242,6 @@ def _encode_all(plans: list[TensorPlan], ft: LoadedModel, base_state: dict[str, 
 def _check_scale(sign, name: str) -> None:
     if not torch.isfinite(sign.scale).all():
         raise ModelLoadError(f"tensor {name!r}: the fine-tune or the base holds NaN/Inf values")
-
-
-def _codec_counts(entries: dict[str, TensorEntry]) -> str:
-    counts: dict[str, int] = {}
-    for e in entries.values():
-        counts[e.codec.value] = counts.get(e.codec.value, 0) + 1
-    return ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
 
 
 def bits_per_parameter(file_bytes: int, art: DeltaArtifact) -> float:

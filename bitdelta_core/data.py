@@ -2,8 +2,8 @@
 
 A :class:`TaskSpec` says what a task's examples look like: the text field(s) (one sentence or a
 pair), the label names in class-id order (``None`` for regression), the metric, and where its
-data lives (a Hugging Face dataset id, and for the tasks shipped in ``benchmarks/data`` the file
-layout of each split). All nine GLUE subsets plus ``ag_news`` and ``subj`` are registered.
+data lives (a Hugging Face dataset id, and for the tasks shipped with the package, in
+``bitdelta_core/task_data``, the file layout of each split). All nine GLUE subsets plus ``ag_news`` and ``subj`` are registered.
 
 Local files (:func:`load_file`)::
 
@@ -35,6 +35,7 @@ import os
 import random
 import sys
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Sequence
 
@@ -43,10 +44,9 @@ from .errors import DataError
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class LocalLayout:
-    """How one shipped file is laid out (``benchmarks/data/<task>/<file>``)."""
+    """How one shipped file is laid out (``<data dir>/<task>/<file>``, see :func:`default_data_dir`)."""
 
     file: str
     header: bool
@@ -139,10 +139,26 @@ def get_task(name: str | TaskSpec) -> TaskSpec:
         raise DataError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}") from None
 
 
+SHIPPED_DATA = "task_data"  # package data of bitdelta_core (pyproject [tool.setuptools.package-data])
+
+
+def shipped_data_dir() -> Path:
+    """The task files shipped inside the installed package (``bitdelta_core/task_data``).
+
+    Found with :mod:`importlib.resources`, so it works the same from a checkout, an editable
+    install and a wheel. A package imported from a zip archive has no directory to point at.
+    """
+    root = resources.files(__package__).joinpath(SHIPPED_DATA)
+    if not isinstance(root, Path):
+        raise DataError(f"the shipped task data is inside an archive ({root}); install the package "
+                        "unzipped or set BITDELTA_DATA_DIR")
+    return root
+
+
 def default_data_dir() -> Path:
-    """``$BITDELTA_DATA_DIR`` or ``benchmarks/data`` of this checkout."""
+    """``$BITDELTA_DATA_DIR`` when set, else :func:`shipped_data_dir`."""
     env = os.environ.get("BITDELTA_DATA_DIR")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "benchmarks" / "data"
+    return Path(env) if env else shipped_data_dir()
 
 
 @dataclass
@@ -565,4 +581,4 @@ def load_dataset(
 
 
 __all__ = ["TASKS", "TaskSpec", "TextDataset", "LocalLayout", "get_task", "load_file", "load_task",
-           "load_hf", "load_dataset", "default_data_dir", "hf_available", "METRICS"]
+           "load_hf", "load_dataset", "default_data_dir", "shipped_data_dir", "hf_available", "METRICS"]

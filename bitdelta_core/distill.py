@@ -43,10 +43,10 @@ from .artifact import DeltaArtifact, load_artifact
 from .codec import Granularity, _store_scale
 from .data import TextDataset
 from .errors import ConfigError, DataError, ModelLoadError
-from .finetune import encode_texts, length_batches, load_tokenizer
-from .models import ModelSource, load_model
+from .finetune import encode_texts, length_batches
+from .models import ModelSource, load_model, require_tokenizer
 from .packing import unpack_signs
-from .select import Codec
+from .codec import Codec
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ def distill(
     if tokenizer is None:
         if not isinstance(finetuned, (str, os.PathLike)):
             raise ModelLoadError("pass tokenizer= when the fine-tune is not an HF folder")
-        tokenizer = load_tokenizer(finetuned)
+        tokenizer = require_tokenizer(finetuned)
 
     student = ScaleStudent(b.module, base_state, art)
     student.module.eval()

@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 
 from .data import TextDataset
 from .errors import DataError, ModelLoadError
-from .finetune import encode_texts, length_batches, load_tokenizer
+from .finetune import encode_texts, length_batches
+from .models import require_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ def evaluate(
     deltas = dict(deltas or {})
     if deltas and base is None:
         raise DataError("evaluating a delta needs its base model")
-    tok = load_tokenizer(finetuned)
+    tok = require_tokenizer(finetuned)
     t0 = time.perf_counter()
     model = _load_classifier(finetuned)
     ds.check_num_labels(model.config.num_labels, f"fine-tune {os.fspath(finetuned)!r}")

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from .data import TextDataset, load_task
 from .errors import DataError, ModelLoadError
+from .models import require_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -35,15 +36,6 @@ logger = logging.getLogger(__name__)
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-def load_tokenizer(path: str | os.PathLike):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(os.fspath(path))
-    except Exception as e:  # noqa: BLE001 - transformers raises many types
-        raise ModelLoadError(f"cannot load a tokenizer from {os.fspath(path)!r}: {e}") from None
 
 
 def encode_texts(tokenizer, texts: Sequence[tuple[str, ...]], max_length: int) -> dict[str, torch.Tensor]:
@@ -121,7 +113,7 @@ def finetune(
     if epochs <= 0 or batch_size <= 0 or max_length <= 0:
         raise DataError(f"epochs, batch_size and max_length must be positive (got {epochs}, {batch_size}, {max_length})")
     seed_everything(seed)
-    tokenizer = load_tokenizer(base_path)
+    tokenizer = require_tokenizer(base_path)
     kwargs: dict = {"num_labels": ds.num_labels}
     if ds.label_names is not None:
         kwargs["id2label"] = dict(enumerate(ds.label_names))
@@ -194,4 +186,4 @@ def finetune(
     return out
 
 
-__all__ = ["finetune", "encode_texts", "length_batches", "load_tokenizer", "seed_everything"]
+__all__ = ["finetune", "encode_texts", "length_batches", "seed_everything"]

@@ -86,6 +86,16 @@ def load_tokenizer(path):
         return None
 
 
+def require_tokenizer(path):
+    """The tokenizer of a folder or hub id; :class:`ModelLoadError` naming the path when it has none."""
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(os.fspath(path))
+    except Exception as e:  # noqa: BLE001 - transformers raises many types
+        raise ModelLoadError(f"cannot load a tokenizer from {os.fspath(path)!r}: {e}") from None
+
+
 def _looks_local(path: str) -> bool:
     """A string that can only be a filesystem path (not a hub id ``org/name``)."""
     return (

@@ -15,22 +15,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from enum import Enum
 
 import torch
 
-from .codec import Granularity
+from .codec import Codec, Granularity  # noqa: F401 - Codec re-exported for callers of select
+from .dtypes import FLOAT_DTYPES
 from .errors import ConfigError
-
-
-class Codec(str, Enum):
-    SIGN1 = "sign1"  # packed signs + scales (rank >= 2, same shape as base)
-    RESIZED = "resized"  # sign1 on rows shared with the base + dense extra rows
-    DENSE = "dense"  # the fine-tuned tensor stored as is (cast to dense_dtype)
-    BASE = "base"  # identical to the base: nothing stored
-
-
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass
@@ -57,8 +47,8 @@ class CompressionConfig:
             raise ConfigError("include/exclude must be lists of rules, not a single string")
         if self.scale_dtype not in ("float16", "float32"):
             raise ConfigError(f"scale_dtype must be float16 or float32, got {self.scale_dtype!r}")
-        if self.dense_dtype not in (*_DTYPES, "exact"):
-            raise ConfigError(f"dense_dtype must be one of {[*_DTYPES, 'exact']}, got {self.dense_dtype!r}")
+        if self.dense_dtype not in (*FLOAT_DTYPES, "exact"):
+            raise ConfigError(f"dense_dtype must be one of {[*FLOAT_DTYPES, 'exact']}, got {self.dense_dtype!r}")
         self._include = [_compile(r) for r in self.include] if self.include is not None else None
         self._exclude = [_compile(r) for r in self.exclude]
 
@@ -73,12 +63,12 @@ class CompressionConfig:
 
     @property
     def scale_torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.scale_dtype]
+        return FLOAT_DTYPES[self.scale_dtype]
 
     def dense_torch_dtype(self, t: torch.Tensor) -> torch.dtype:
         if self.dense_dtype == "exact" or not t.is_floating_point():
             return t.dtype
-        return _DTYPES[self.dense_dtype]
+        return FLOAT_DTYPES[self.dense_dtype]
 
 
 @dataclass

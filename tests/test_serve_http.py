@@ -367,7 +367,7 @@ def test_admin_disabled_without_token(tmp_path):
 
 
 def test_cli_register_and_models(registered, capsys, monkeypatch):
-    from bitdelta_core.cli import main
+    from serve.cli import main
 
     url, c = registered["url"], registered["c"]
     monkeypatch.delenv("BITDELTA_ADMIN_TOKEN", raising=False)
