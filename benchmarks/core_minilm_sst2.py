@@ -25,8 +25,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from bitdelta_core.data import shipped_data_dir
+
 RESULTS = Path(__file__).resolve().parent / "results"
-DATA = Path(__file__).resolve().parent / "data" / "sst2"
+DATA = shipped_data_dir() / "sst2"
 CACHE = RESULTS / "cache" / "minilm_sst2"
 
 logger = logging.getLogger("benchmarks.core_minilm_sst2")

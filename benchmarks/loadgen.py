@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
 
-DATA = Path(__file__).parent / "data"
+from bitdelta_core.data import shipped_data_dir
+
+DATA = shipped_data_dir()
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
