@@ -358,7 +358,8 @@ class Routes:
     async def list_models(self, request: Request):
         principal = self._principal(request)
         self.access.check_rate(principal)
-        return JSONResponse({"models": access_http.visible_models(principal, await self.replica.list_models())})
+        return JSONResponse({"models": access_http.visible_models(principal, await self.replica.list_models()),
+                             "serving_path": self.replica.serving_path})
 
     @app.get("/v1/models/{name}", response_model=ModelInfo, responses={401: ERRORS[401], 404: ERRORS[404]},
              summary="One registered fine-tune")

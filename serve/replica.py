@@ -107,6 +107,8 @@ class Replica:
         self.g_cache_budget = r.gauge("cache_budget_bytes", "working-weight cache budget")
         self.g_base = r.gauge("base_bytes", "bytes of the shared base model")
         self.g_kernel = r.gauge("cpu_kernel", "1 when the compiled fused CPU kernel runs the 1-bit layers")
+        self.g_path = r.gauge("serving_path", "1 for the way this replica runs a batch (mixed / fallback / "
+                              "fallback-merged, from the engine's self-check)", ["path"])
         self.g_rss = r.gauge("replica_rss_bytes", "resident set size of the replica process")
         self.g_store = r.gauge("store_bytes", "bytes of artifacts in the store")
 
@@ -242,6 +244,11 @@ class Replica:
             self.reconciler.forget(name)
         return {"deleted": name, "sha256": entry.sha256}
 
+    @property
+    def serving_path(self) -> str:
+        """How this replica's engine runs a batch (``mixed``, ``fallback``, ``fallback-merged``)."""
+        return getattr(self.engine, "path", "mixed")
+
     async def list_models(self) -> list[dict[str, Any]]:
         await self.maybe_sync()
         return sorted((self._info(i) for i in self.engine.list()), key=lambda d: d["name"])
@@ -262,6 +269,7 @@ class Replica:
         self.g_cache_budget.set(rep["cache_budget"])
         self.g_base.set(rep["base_bytes"])
         self.g_kernel.set(1 if rep["cpu_kernel"] else 0)
+        self.g_path.set(1, path=rep.get("path", "mixed"))
         rss = rss_bytes()
         self.g_rss.set(rss)
         with contextlib.suppress(OSError):

@@ -46,6 +46,11 @@ class ModelInfo(_Strict):
 
 class ModelList(_Strict):
     models: list[ModelInfo]
+    serving_path: str = Field(
+        description="how the answering replica runs a batch for this base's architecture: 'mixed' (every "
+                    "fine-tune of the batch in one forward), 'fallback' (one forward per fine-tune group, "
+                    "merged weights from the packed pool) or 'fallback-merged' (the same through "
+                    "torch.func.functional_call); chosen by the engine's start-up self-check")
 
 
 class ErrorBody(_Strict):

@@ -83,7 +83,7 @@ def test_core_cli_has_no_service_commands_and_full_cli_has_all():
 
     core = {"compress", "inspect", "apply", "finetune", "distill", "eval"}
     assert commands(core_parser()) == core
-    assert commands(full_parser()) == core | {"serve", "demo", "register", "models"}
+    assert commands(full_parser()) == core | {"serve", "demo", "register", "models", "keys", "audit"}
 
 
 def test_entry_point_is_the_full_cli():

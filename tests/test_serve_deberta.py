@@ -95,3 +95,6 @@ def test_deberta_v3_mixed_batches_equal_offline_apply(served):
     assert 1 <= batches < len(jobs), f"{len(jobs)} concurrent requests ran in {batches} forwards"
     mixed = _metric(c, "bitdelta_batch_models_count") - _metric(c, "bitdelta_batch_models_bucket", le="1")
     assert mixed >= 1, "no forward mixed the two fine-tunes"
+    # the self-check's choice is visible to operators: the listing and a metrics label
+    assert c.get("/v1/models").json()["serving_path"] == "mixed"
+    assert _metric(c, "bitdelta_serving_path", path="mixed") >= 1

@@ -154,7 +154,9 @@ def test_concurrent_mixed_models_are_batched_and_correct(registered):
 
 def test_list_and_get_models(registered):
     c = registered["c"]
-    models = c.get("/v1/models").json()["models"]
+    listing = c.get("/v1/models").json()
+    assert listing["serving_path"] == "mixed"  # BERT: every fine-tune of a batch in one forward
+    models = listing["models"]
     assert [m["name"] for m in models] == sorted(LABELS)
     for m in models:
         assert set(m) == {"name", "base", "num_labels", "labels", "bytes", "created"}
