@@ -174,6 +174,8 @@ def status_of(exc: BaseException) -> int:
         return exc.status
     if isinstance(exc, BitDeltaError):
         return classify_exception(exc)[0]
+    if isinstance(exc, OSError):
+        return 503
     return 500
 
 
@@ -188,6 +190,15 @@ async def _library_error(request: Request, exc: BitDeltaError):
     if status == 500:
         return await _unexpected(request, exc)
     return _json_error(status, kind, str(exc))
+
+
+@app.exception_handler(OSError)
+async def _store_error(request: Request, exc: OSError):
+    # I/O errors reach a route only from the artifact store (a shared directory): the replica
+    # cannot register, delete or load now; the message names no path.
+    logger.warning("store I/O error on %s %s: %s", request.method, request.url.path, exc)
+    return _json_error(503, "store_unavailable", f"the artifact store is unavailable "
+                       f"({exc.strerror or type(exc).__name__}); retry later")
 
 
 @app.exception_handler(RequestValidationError)

@@ -74,6 +74,7 @@ class Replica:
         self.reconciler = Reconciler(self.store, self.engine, label=f"replica {self.replica_id}",
                                      on_change=self._on_store_change)
         self._last_check = 0.0
+        self._store_warned = -1e9
         with contextlib.suppress(OSError):
             self.store.gc()
         self.reconciler.sync()
@@ -133,8 +134,17 @@ class Replica:
         if self.cfg.sync_interval_s and now - self._last_check < self.cfg.sync_interval_s:
             return
         self._last_check = now
-        if self.reconciler.stale():
-            await asyncio.to_thread(self._sync)
+        try:
+            if self.reconciler.stale():
+                await asyncio.to_thread(self._sync)
+        except OSError as e:
+            # The store is unreachable (a network filesystem gone, a volume unmounted): keep
+            # answering from the pool in memory, which is what the store held at the last sync.
+            self.m_sync.inc(action="store_unreachable")
+            if now - self._store_warned > 30.0:
+                self._store_warned = now
+                logger.warning("replica %s: artifact store unreachable (%s); serving the %d models in memory",
+                               self.replica_id, e.strerror or type(e).__name__, len(self.reconciler.loaded))
 
     async def sync(self) -> dict[str, Any]:
         """Apply store changes now."""
