@@ -257,10 +257,13 @@ def test_per_model_counters_reach_ray_metrics_endpoints(cluster):
     if out:
         with open(out, "w") as f:
             for node, t in texts_.items():
-                keep = [x for x in t.splitlines() if "bitdelta_" in x and ("requests_total" in x or "pool_bytes" in x
-                        or "request_latency_seconds_count" in x or "registrations_total" in x)]
-                f.write(f"# node {node}: GET http://127.0.0.1:{ports[node]}/metrics (lines with bitdelta_ "
-                        f"requests/latency count/pool/registrations)\n" + "\n".join(keep) + "\n")
+                keep = [x for x in t.splitlines() if re.match(r"(# (HELP|TYPE) )?ray_bitdelta_(requests_total|"
+                                                              r"request_latency_seconds_count|pool_bytes|"
+                                                              r"registrations_total)", x)]
+                if keep:
+                    f.write(f"# scraped from node {node}: GET http://127.0.0.1:{ports[node]}/metrics "
+                            f"(the service's request, latency-count, pool and registration series)\n")
+                    f.write("\n".join(keep) + "\n")
 
 
 def test_node_loss_under_load(cluster):
