@@ -74,7 +74,7 @@ class BitDeltaServer(Routes):
             replica_id = serve.get_replica_context().replica_id.unique_id
         except Exception:  # noqa: BLE001 - constructed outside a Serve replica (unit use)
             replica_id = None
-        self.replica = Replica(self.cfg, replica_id, metrics_export=RaySink(replica_id or "local"))
+        self.replica = Replica(self.cfg, replica_id, metrics_export=RaySink(replica_id) if replica_id else None)
         self.peers = _OwnDeployment()
         self.init_http()
 

@@ -196,6 +196,21 @@ def scrape(port: int) -> str:
 
 
 # ---- tests ------------------------------------------------------------------------------------
+def test_builder_placement_options(tmp_path):
+    from serve.app import build_app
+
+    app = build_app({"base": "x", "store": str(tmp_path), "num_replicas": 2, "max_replicas_per_node": 1,
+                     "replica_resources": {"bitdelta": 1}})
+    server = app._bound_deployment
+    assert server._replica_config.max_replicas_per_node == 1
+    assert server.ray_actor_options["resources"] == {"bitdelta": 1.0}
+    plain = build_app({"base": "x", "store": str(tmp_path)})._bound_deployment
+    assert plain._replica_config.max_replicas_per_node is None and "resources" not in plain.ray_actor_options
+    env = {"BITDELTA_REPLICA_RESOURCES": '{"gpu_node": 0.5}', "BITDELTA_MAX_REPLICAS_PER_NODE": "2"}
+    cfg = ServeConfig.load({"base": "x"}, env=env)
+    assert cfg.replica_resources == {"gpu_node": 0.5} and cfg.max_replicas_per_node == 2
+
+
 def test_replicas_on_different_nodes(cluster):
     nodes = check_placement(2)
     logger.info("replica placement: %s", nodes)
