@@ -49,6 +49,11 @@ LABELS = {"a": ["neg", "pos"], "b": ["x", "y", "z"], "c": ["p", "q"]}
 SYSTEM_CONFIG = {"metrics_report_interval_ms": 1000, "health_check_period_ms": 500,
                  "health_check_failure_threshold": 4}
 LOCAL_ROUTING = "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING"
+# Load is paced (each client waits PACE_S between requests) so that it leaves CPU to the replica
+# that starts meanwhile on a small shared machine; REPLICA_START_S bounds a replica's start-up
+# (a new worker process importing torch and transformers, then the base and every model).
+PACE_S = 0.02
+REPLICA_START_S = 300
 AUTOSCALING = {"min_replicas": 2, "max_replicas": 3, "target_ongoing_requests": 2, "upscale_delay_s": 0.5,
                "downscale_delay_s": 600, "metrics_interval_s": 0.5, "look_back_period_s": 2}
 
@@ -316,6 +321,7 @@ def test_node_loss_under_load(cluster):
                         stats["fail_times"].append(time.monotonic())
                     else:
                         stats["wrong"] += 1
+                time.sleep(PACE_S)
 
     threads = [threading.Thread(target=load, args=(k,), daemon=True) for k in range(2)]
     for t in threads:
@@ -383,17 +389,25 @@ def test_added_node_receives_autoscaled_replica(cluster):
                 except httpx.HTTPError:
                     pass
 
-    # 8 clients against target_ongoing_requests=2 per replica: autoscaling asks for max_replicas=3
+    def replica_actors() -> int:
+        from ray._private import state
+
+        return sum(1 for a in state.actors().values() if a.get("State") != "DEAD"
+                   and (a.get("Name") or "").startswith("SERVE_REPLICA::") and f"#{DEPLOYMENT}#" in a["Name"])
+
+    # 8 clients against target_ongoing_requests=2 per replica: autoscaling asks for max_replicas=3.
+    # The load stops once the third replica exists (downscale_delay_s keeps it); it then starts
+    # without competing with the load for CPU.
     with ThreadPoolExecutor(8) as pool:
         futs = [pool.submit(load, k) for k in range(8)]
         try:
-            nodes = wait_for(lambda: (lambda rn: rn if len(rn) == 3 else None)(replica_nodes()), 120,
-                             "a third replica (autoscaling under load)", 0.5)
-            wait_for(lambda: running_replicas() >= 3, 60, "the third replica to run")
+            wait_for(lambda: replica_actors() >= 3, 120, "autoscaling to create a third replica", 0.5)
         finally:
             stop.set()
             for f in futs:
                 f.result(timeout=60)
+    wait_for(lambda: running_replicas() >= 3, REPLICA_START_S, "the third replica to run", 0.5)
+    nodes = check_placement(3)
     assert new.node_id in nodes.values(), f"no replica on the added node: {nodes}"
     assert len(set(nodes.values())) == 3
     for name in ("a", "b"):
