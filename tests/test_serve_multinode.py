@@ -28,6 +28,7 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from unittest import mock
 
 import httpx
 import pytest
@@ -91,6 +92,11 @@ def cluster(tmp_path_factory):
         ports[name] = free_port()
         return {"num_cpus": 1, "metrics_export_port": ports[name], "include_dashboard": False}
 
+    # Cluster records its address in /tmp/ray/ray_current_cluster, where a plain ray.init() of any
+    # other process on this host would find it and join it; this cluster stays private.
+    private = [mock.patch("ray._private.utils.write_ray_address"), mock.patch("ray._common.utils.reset_ray_address")]
+    for p in private:
+        p.start()
     c = Cluster(initialize_head=True, head_node_args={**node_args("head"), "_system_config": SYSTEM_CONFIG})
     workers = {"w1": c.add_node(**node_args("w1")), "w2": c.add_node(**node_args("w2"))}
     try:
@@ -105,6 +111,8 @@ def cluster(tmp_path_factory):
     finally:
         run.stop()
         c.shutdown()
+        for p in private:
+            p.stop()
         ray_constants.ENABLE_RAY_CLUSTER = old_flag
         for key, old in ((ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, old_env), (LOCAL_ROUTING, old_local)):
             if old is None:
