@@ -97,20 +97,22 @@ def cluster(tmp_path_factory):
     private = [mock.patch("ray._private.utils.write_ray_address"), mock.patch("ray._common.utils.reset_ray_address")]
     for p in private:
         p.start()
-    c = Cluster(initialize_head=True, head_node_args={**node_args("head"), "_system_config": SYSTEM_CONFIG})
-    workers = {"w1": c.add_node(**node_args("w1")), "w2": c.add_node(**node_args("w2"))}
+    c = None
     try:
+        c = Cluster(initialize_head=True, head_node_args={**node_args("head"), "_system_config": SYSTEM_CONFIG})
+        workers = {"w1": c.add_node(**node_args("w1")), "w2": c.add_node(**node_args("w2"))}
         cfg = ServeConfig(base=str(base), store=str(root / "store"), admin_token=ADMIN, port=free_port(),
                           replica_num_cpus=0.25, max_replicas_per_node=1, autoscaling=AUTOSCALING, max_wait_ms=2)
         ray.init(address=c.address, logging_level=logging.WARNING, log_to_driver=False,
                  runtime_env={"env_vars": run.worker_env()})
-        url = run.start(cfg, ray_address=c.address, wait_s=240, proxy_location="HeadOnly")
+        url = run.start(cfg, ray_address=c.address, wait_s=REPLICA_START_S, proxy_location="HeadOnly")
         with httpx.Client(base_url=url, timeout=30.0) as http:
             yield {"c": c, "workers": workers, "ports": ports, "http": http, "url": url, "files": files,
                    "expected": expected, "node_args": node_args, "head_id": c.head_node.node_id}
     finally:
         run.stop()
-        c.shutdown()
+        if c is not None:
+            c.shutdown()
         for p in private:
             p.stop()
         ray_constants.ENABLE_RAY_CLUSTER = old_flag
