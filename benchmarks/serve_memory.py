@@ -64,18 +64,18 @@ def main(argv=None) -> dict:
             with Client(url, admin_token=token) as c:
                 http = c._http
                 time.sleep(2)
-                rss0 = _metric(http.get("/metrics").text, "bitdelta_replica_rss_bytes")
+                rss0 = _metric(http.get("/metrics?scope=all").text, "bitdelta_replica_rss_bytes")
                 tasks = list(prepared)
                 t0 = time.perf_counter()
                 for i in range(args.n):
                     c.register(f"ft{i:03d}", prepared[tasks[i % len(tasks)]]["path"])
                 t_reg = time.perf_counter() - t0
-                text = http.get("/metrics").text
+                text = http.get("/metrics?scope=all").text
                 rss_reg = _metric(text, "bitdelta_replica_rss_bytes")
                 pool = _metric(text, "bitdelta_pool_bytes")
                 for i in range(args.n):
                     c.classify(f"ft{i:03d}", EXAMPLES[tasks[i % len(tasks)]])
-                text = http.get("/metrics").text
+                text = http.get("/metrics?scope=all").text
                 rss_served = _metric(text, "bitdelta_replica_rss_bytes")
                 cache = _metric(text, "bitdelta_cache_bytes")
                 base_b = _metric(text, "bitdelta_base_bytes")

@@ -198,7 +198,7 @@ def metrics_gauges(url: str, names: tuple[str, ...] = GAUGES) -> dict[str, float
     import httpx
 
     out: dict[str, float] = {}
-    text = httpx.get(f"{url}/metrics", timeout=60).text
+    text = httpx.get(f"{url}/metrics?scope=all", timeout=60).text
     for line in text.splitlines():
         if line.startswith("#") or " " not in line:
             continue

@@ -295,7 +295,7 @@ def replica_times(url: str) -> dict[str, float]:
     want = ("bitdelta_request_latency_seconds", "bitdelta_forward_seconds", "bitdelta_queue_seconds",
             "bitdelta_batch_size")
     out: dict[str, float] = {}
-    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+    for line in httpx.get(url + "/metrics?scope=all", timeout=30).text.splitlines():
         name, _, value = line.partition("{") if "{" in line else line.partition(" ")
         for w in want:
             for suffix in ("_sum", "_count"):

@@ -202,7 +202,7 @@ def register(c, name: str, data: bytes, replace: bool = False):
 def replica_rss(c) -> int:
     """Sum of ``bitdelta_replica_rss_bytes`` over engine replicas (from /metrics)."""
     total = 0
-    for line in c.get("/metrics").text.splitlines():
+    for line in c.get("/metrics?scope=all").text.splitlines():
         m = re.match(r"bitdelta_replica_rss_bytes(\{[^}]*\})? (\S+)$", line)
         if m:
             total += int(float(m.group(2)))

@@ -14,8 +14,18 @@ A request costs one hop (proxy -> replica); the replica validates, tokenizes (ba
 other requests of its round) and runs the forward in the same process. Registrations and
 deletions go to whichever replica the proxy picks; the artifact store directory carries them to
 every other replica (each checks it before every request) and a broadcast through this
-deployment's own handle tells idle replicas at once. ``/healthz`` and ``/metrics`` gather every
-replica the same way.
+deployment's own handle tells idle replicas at once. ``/healthz`` gathers every replica the same
+way.
+
+Metrics: each replica records its series with Ray's metrics API (:mod:`serve.ray_metrics`), so
+the Ray metrics agent of the replica's node exports them to the cluster's Prometheus; the
+replica's ``/metrics`` answers its own registry (``?scope=all``: every replica's, by broadcast,
+for a single machine without Prometheus). Ray Serve's periodic health check also refreshes the
+replica's memory gauges.
+
+Placement across nodes: ``max_replicas_per_node`` (at most that many replicas on one node, so
+losing a node loses at most that many) and ``replica_resources`` (custom node resources a
+replica needs, e.g. ``{"bitdelta": 1}`` declared only on the nodes meant to run replicas).
 
 Run it with ``bitdelta serve`` (:mod:`serve.run`), ``serve run deploy/serve_config.yaml`` or
 ``serve.run(build_app({...}))``.
@@ -23,6 +33,7 @@ Run it with ``bitdelta serve`` (:mod:`serve.run`), ``serve run deploy/serve_conf
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -31,6 +42,7 @@ from ray.serve import Application
 
 from .config import ServeConfig
 from .http import Routes, app
+from .ray_metrics import RaySink
 from .replica import Replica
 
 logger = logging.getLogger("bitdelta.serve")
@@ -62,7 +74,7 @@ class BitDeltaServer(Routes):
             replica_id = serve.get_replica_context().replica_id.unique_id
         except Exception:  # noqa: BLE001 - constructed outside a Serve replica (unit use)
             replica_id = None
-        self.replica = Replica(self.cfg, replica_id)
+        self.replica = Replica(self.cfg, replica_id, metrics_export=RaySink(replica_id) if replica_id else None)
         self.peers = _OwnDeployment()
         self.init_http()
 
@@ -76,9 +88,10 @@ class BitDeltaServer(Routes):
     async def stats(self) -> dict[str, Any]:
         return await self.replica.stats()
 
-    def check_health(self) -> None:  # Ray Serve's periodic health check
+    async def check_health(self) -> None:  # Ray Serve's periodic health check
         if self.replica.engine is None:
             raise RuntimeError("engine not loaded")
+        await asyncio.to_thread(self.replica.refresh_gauges)  # the gauges Ray exports
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
@@ -88,11 +101,13 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     # worker thread, store I/O in to_thread), so user code runs on the replica's main event loop:
     # one cross-thread hop less per request (one of the settings of Ray's throughput-optimized mode).
     env = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
-    opts: dict[str, Any] = {
-        "ray_actor_options": {"num_cpus": cfg.replica_num_cpus, "num_gpus": cfg.replica_num_gpus,
-                              "runtime_env": {"env_vars": env}},
-        "max_ongoing_requests": cfg.max_ongoing_requests,
-    }
+    actor: dict[str, Any] = {"num_cpus": cfg.replica_num_cpus, "num_gpus": cfg.replica_num_gpus,
+                             "runtime_env": {"env_vars": env}}
+    if cfg.replica_resources:
+        actor["resources"] = dict(cfg.replica_resources)
+    opts: dict[str, Any] = {"ray_actor_options": actor, "max_ongoing_requests": cfg.max_ongoing_requests}
+    if cfg.max_replicas_per_node is not None:
+        opts["max_replicas_per_node"] = cfg.max_replicas_per_node
     if cfg.autoscaling:
         opts["autoscaling_config"] = cfg.autoscaling
     else:

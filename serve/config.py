@@ -67,6 +67,12 @@ class ServeConfig(BaseModel):
     num_replicas: int = Field(1, ge=1, description="engine replicas (each holds the base + the whole pool)")
     replica_num_cpus: float = Field(0.5, ge=0.0, description="Ray CPUs reserved per engine replica")
     replica_num_gpus: float = Field(0.0, ge=0.0, description="Ray GPUs per engine replica (1 for device=cuda)")
+    max_replicas_per_node: int | None = Field(
+        None, ge=1, le=100, description="at most this many engine replicas on one Ray node (1 spreads them over "
+                                       "nodes: a lost node takes one replica with it); unset = no limit")
+    replica_resources: dict[str, float] | None = Field(
+        None, description="custom Ray resources each engine replica needs, e.g. {bitdelta: 1} with that resource "
+                          "declared only on the nodes meant to run replicas")
     max_ongoing_requests: int = Field(256, ge=1, description="per engine replica; keeps the batcher fed")
     autoscaling: dict[str, Any] | None = Field(
         None, description="Ray Serve autoscaling_config for the engine (replaces num_replicas), e.g. "
@@ -135,7 +141,7 @@ class ServeConfig(BaseModel):
 
 
 def _parse_env(name: str, raw: str) -> Any:
-    if name == "autoscaling":
+    if name in ("autoscaling", "replica_resources"):
         import json
 
         return json.loads(raw)

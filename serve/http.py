@@ -174,6 +174,8 @@ def status_of(exc: BaseException) -> int:
         return exc.status
     if isinstance(exc, BitDeltaError):
         return classify_exception(exc)[0]
+    if isinstance(exc, OSError):
+        return 503
     return 500
 
 
@@ -188,6 +190,15 @@ async def _library_error(request: Request, exc: BitDeltaError):
     if status == 500:
         return await _unexpected(request, exc)
     return _json_error(status, kind, str(exc))
+
+
+@app.exception_handler(OSError)
+async def _store_error(request: Request, exc: OSError):
+    # I/O errors reach a route only from the artifact store (a shared directory): the replica
+    # cannot register, delete or load now; the message names no path.
+    logger.warning("store I/O error on %s %s: %s", request.method, request.url.path, exc)
+    return _json_error(503, "store_unavailable", f"the artifact store is unavailable "
+                       f"({exc.strerror or type(exc).__name__}); retry later")
 
 
 @app.exception_handler(RequestValidationError)
@@ -504,14 +515,22 @@ class Routes:
         return {"status": "ok", "models": max(r["models"] for r in ok), "replicas": len(ok)}
 
     @app.get("/metrics", response_class=PlainTextResponse, responses={401: ERRORS[401]},
-             summary="Prometheus metrics of every replica (admin token once API keys exist: the labels name every model)")
-    async def metrics(self, request: Request):
+             summary="Prometheus metrics of this replica, or of every replica (admin token once API keys "
+                     "exist: the labels name every model)")
+    async def metrics(self, request: Request,
+                      scope: str = Query("replica", pattern="^(replica|all)$",
+                                         description="replica: the answering replica's own series; all: "
+                                                     "every replica's, gathered by broadcast")):
+        # Across nodes, Prometheus scrapes the same series from Ray's metrics agent on every node
+        # (serve.ray_metrics); this route is a replica's own view, or a whole-deployment view
+        # for a single machine without Prometheus.
         self.access.metrics_guard(request.headers.get("authorization"))
-        try:
-            res = await self.peers.broadcast("stats")
-        except Exception as e:  # noqa: BLE001
-            logger.warning("stats broadcast failed: %s", e)
-            res = []
+        res: list = []
+        if scope == "all":
+            try:
+                res = await self.peers.broadcast("stats")
+            except Exception as e:  # noqa: BLE001
+                logger.warning("stats broadcast failed: %s", e)
         snaps = [({"replica": r["replica"]}, r["metrics"]) for r in res if isinstance(r, dict)]
         if not snaps:
             own = await self.replica.stats()

@@ -1,8 +1,13 @@
-"""A small thread-safe metrics registry rendered as Prometheus text (exposition format 0.0.4).
+"""A small thread-safe metrics registry rendered as Prometheus text (exposition format 0.0.4),
+optionally mirrored into an external metrics pipeline.
 
-Why not ``prometheus_client`` directly: every engine replica is its own process; the ingress
-collects each replica's :meth:`Registry.snapshot` (plain JSON-able data) with a Ray Serve
-broadcast and renders them all in one ``/metrics`` answer, labelled by ``replica``.
+Every engine replica is its own process and keeps its own :class:`Registry`. Two ways out:
+
+* an ``export`` sink (:class:`Sink`) given to the registry receives every update as it happens;
+  :mod:`serve.ray_metrics` is the sink that records into Ray's metrics API, so every node's Ray
+  metrics agent serves the replica's series to Prometheus (names prefixed ``ray_``);
+* :meth:`Registry.snapshot` (plain JSON-able data) rendered by :func:`render`: a replica's own
+  ``/metrics`` answer, or several replicas' snapshots side by side, labelled by ``replica``.
 """
 
 from __future__ import annotations
@@ -10,11 +15,20 @@ from __future__ import annotations
 import bisect
 import math
 import threading
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 TOKEN_BUCKETS = (64, 256, 1024, 4096, 16384, 65536)
+
+
+class Sink(Protocol):
+    """Where a registry mirrors its updates: ``metric(kind, name, help, labelnames, buckets)``
+    returns a recorder whose ``record(value, labels)`` is called on every ``inc`` (the
+    increment), ``set`` (the value) and ``observe`` (the observation)."""
+
+    def metric(self, kind: str, name: str, help: str, labelnames: tuple[str, ...],
+               buckets: tuple[float, ...] | None) -> Any: ...
 
 
 def _key(labels: dict[str, str]) -> tuple:
@@ -27,6 +41,11 @@ class _Metric:
     def __init__(self, name: str, help: str, labelnames: Sequence[str] = ()):
         self.name, self.help, self.labelnames = name, help, tuple(labelnames)
         self._lock = threading.Lock()
+        self._mirror = None  # a Sink's recorder, bound by Registry
+
+    def _export(self, value: float, labels: dict[str, str]) -> None:
+        if self._mirror is not None:
+            self._mirror.record(value, labels)
 
     def _labels(self, labels: dict[str, Any]) -> dict[str, str]:
         if set(labels) != set(self.labelnames):
@@ -42,9 +61,11 @@ class Counter(_Metric):
         self._values: dict[tuple, float] = {}
 
     def inc(self, amount: float = 1.0, **labels) -> None:
-        key = _key(self._labels(labels))
+        labels = self._labels(labels)
+        key = _key(labels)
         with self._lock:
             self._values[key] = self._values.get(key, 0.0) + amount
+        self._export(amount, labels)
 
     def samples(self):
         with self._lock:
@@ -59,9 +80,11 @@ class Gauge(_Metric):
         self._values: dict[tuple, float] = {}
 
     def set(self, value: float, **labels) -> None:
-        key = _key(self._labels(labels))
+        labels = self._labels(labels)
+        key = _key(labels)
         with self._lock:
             self._values[key] = float(value)
+        self._export(float(value), labels)
 
     def samples(self):
         with self._lock:
@@ -77,7 +100,8 @@ class Histogram(_Metric):
         self._values: dict[tuple, list] = {}  # key -> [bucket counts..., sum, count]
 
     def observe(self, value: float, **labels) -> None:
-        key = _key(self._labels(labels))
+        labels = self._labels(labels)
+        key = _key(labels)
         i = bisect.bisect_left(self.buckets, value)
         with self._lock:
             v = self._values.setdefault(key, [0] * len(self.buckets) + [0.0, 0])
@@ -85,6 +109,7 @@ class Histogram(_Metric):
                 v[i] += 1
             v[-2] += value
             v[-1] += 1
+        self._export(value, labels)
 
     def samples(self):
         out = []
@@ -102,12 +127,15 @@ class Histogram(_Metric):
 
 
 class Registry:
-    def __init__(self, prefix: str = "bitdelta_"):
+    def __init__(self, prefix: str = "bitdelta_", export: Sink | None = None):
         self.prefix = prefix
+        self.export = export
         self._metrics: list[_Metric] = []
 
     def _add(self, m):
         m.name = self.prefix + m.name
+        if self.export is not None:
+            m._mirror = self.export.metric(m.kind, m.name, m.help, m.labelnames, getattr(m, "buckets", None))
         self._metrics.append(m)
         return m
 
@@ -163,4 +191,4 @@ def _fmt(v: float) -> str:
     return str(v)
 
 
-__all__ = ["Registry", "Counter", "Gauge", "Histogram", "render", "LATENCY_BUCKETS", "SIZE_BUCKETS", "TOKEN_BUCKETS"]
+__all__ = ["Registry", "Sink", "Counter", "Gauge", "Histogram", "render", "LATENCY_BUCKETS", "SIZE_BUCKETS", "TOKEN_BUCKETS"]

@@ -25,7 +25,7 @@ from bitdelta_core.errors import BitDeltaError, ModelExistsError, UnknownModelEr
 
 from .batching import BatchItem, BatchStats, MicroBatcher
 from .config import ServeConfig
-from .metrics import LATENCY_BUCKETS, SIZE_BUCKETS, TOKEN_BUCKETS, Registry
+from .metrics import LATENCY_BUCKETS, SIZE_BUCKETS, TOKEN_BUCKETS, Registry, Sink
 from .reconcile import Reconciler
 from .store import NAME_PATTERN, ArtifactStore, check_name
 
@@ -55,7 +55,9 @@ def info_dict(info) -> dict[str, Any]:
 class Replica:
     """One base model + the packed pool of every stored fine-tune, batched across fine-tunes."""
 
-    def __init__(self, cfg: ServeConfig, replica_id: str | None = None):
+    def __init__(self, cfg: ServeConfig, replica_id: str | None = None, metrics_export: Sink | None = None):
+        """``metrics_export``: where the replica's metrics are mirrored as they change (e.g.
+        :class:`serve.ray_metrics.RaySink`); its own registry renders ``/metrics`` either way."""
         import torch
 
         from bitdelta_core.multitenant import MultiTenantEngine
@@ -68,13 +70,15 @@ class Replica:
         self.engine = MultiTenantEngine(cfg.base, device=cfg.device, dtype=cfg.dtype, cache_bytes=cfg.cache_bytes,
                                         max_length=cfg.max_length, cpu_kernel=None if cfg.cpu_kernel else False)
         self.store = ArtifactStore(cfg.store)
-        self._init_metrics()
+        self._init_metrics(metrics_export)
         self.reconciler = Reconciler(self.store, self.engine, label=f"replica {self.replica_id}",
                                      on_change=self._on_store_change)
         self._last_check = 0.0
+        self._store_warned = -1e9
         with contextlib.suppress(OSError):
             self.store.gc()
         self.reconciler.sync()
+        self.refresh_gauges()
         self.batcher = MicroBatcher(self._forward, encode=self._encode, max_batch_size=cfg.max_batch_size,
                                     max_batch_tokens=cfg.max_batch_tokens, max_wait_s=cfg.max_wait_ms / 1000.0,
                                     on_batch=self._on_batch)
@@ -82,8 +86,8 @@ class Replica:
                     time.perf_counter() - t0, len(self.reconciler.loaded), torch.get_num_threads())
 
     # ---- metrics ------------------------------------------------------------------------------
-    def _init_metrics(self) -> None:
-        r = self.metrics = Registry()
+    def _init_metrics(self, export: Sink | None = None) -> None:
+        r = self.metrics = Registry(export=export)
         # requests, as the HTTP layer sees them
         self.m_requests = r.counter("requests", "classify requests by model and status code", ["model", "code"])
         self.m_inputs = r.counter("inputs", "classified inputs by model", ["model"])
@@ -132,13 +136,26 @@ class Replica:
         if self.cfg.sync_interval_s and now - self._last_check < self.cfg.sync_interval_s:
             return
         self._last_check = now
-        if self.reconciler.stale():
-            await asyncio.to_thread(self.reconciler.sync)
+        try:
+            if self.reconciler.stale():
+                await asyncio.to_thread(self._sync)
+        except OSError as e:
+            # The store is unreachable (a network filesystem gone, a volume unmounted): keep
+            # answering from the pool in memory, which is what the store held at the last sync.
+            self.m_sync.inc(action="store_unreachable")
+            if now - self._store_warned > 30.0:
+                self._store_warned = now
+                logger.warning("replica %s: artifact store unreachable (%s); serving the %d models in memory",
+                               self.replica_id, e.strerror or type(e).__name__, len(self.reconciler.loaded))
 
     async def sync(self) -> dict[str, Any]:
         """Apply store changes now."""
-        await asyncio.to_thread(self.reconciler.sync)
+        await asyncio.to_thread(self._sync)
         return {"replica": self.replica_id, "models": sorted(self.reconciler.loaded)}
+
+    def _sync(self) -> None:
+        self.reconciler.sync()
+        self.refresh_gauges()
 
     # ---- classification -----------------------------------------------------------------------
     async def classify(self, model: str, inputs: list, truncate: bool = True,
@@ -225,6 +242,7 @@ class Replica:
                 raise
             self.reconciler.mark_loaded(name, entry.sha256, entry.created)
         logger.info("replica %s registered %s (%d bytes)", self.replica_id, name, entry.bytes)
+        self.refresh_gauges()
         return self._info(info)
 
     def _info(self, info) -> dict[str, Any]:
@@ -242,6 +260,7 @@ class Replica:
         with self.reconciler.lock:
             entry = self.store.delete(name)
             self.reconciler.forget(name)
+        self.refresh_gauges()
         return {"deleted": name, "sha256": entry.sha256}
 
     @property
@@ -262,6 +281,12 @@ class Replica:
         return {"replica": self.replica_id, "models": len(self.reconciler.loaded)}
 
     async def stats(self) -> dict[str, Any]:
+        rep, rss = self.refresh_gauges()
+        return {"replica": self.replica_id, "metrics": self.metrics.snapshot(), "memory": rep, "rss_bytes": rss}
+
+    def refresh_gauges(self) -> tuple[dict[str, Any], int]:
+        """Set the memory and pool gauges from the engine (cheap: sums of sizes); returns the
+        engine's memory report and the process RSS."""
         rep = self.engine.memory_report()
         self.g_models.set(len(self.reconciler.loaded))
         self.g_pool.set(rep["pool_bytes"])
@@ -274,7 +299,7 @@ class Replica:
         self.g_rss.set(rss)
         with contextlib.suppress(OSError):
             self.g_store.set(self.store.total_bytes())
-        return {"replica": self.replica_id, "metrics": self.metrics.snapshot(), "memory": rep, "rss_bytes": rss}
+        return rep, rss
 
 
 __all__ = ["Replica", "info_dict", "rss_bytes"]

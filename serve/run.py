@@ -15,9 +15,12 @@ APP_NAME = "bitdelta"
 
 
 def start(cfg: ServeConfig, *, ray_num_cpus: int | None = None, wait_s: float = 300.0,
-          ray_address: str | None = None) -> str:
+          ray_address: str | None = None, proxy_location: str | None = None) -> str:
     """Start local Ray (if not running), Serve on ``cfg.host:cfg.port`` and the app; wait until
-    ``/healthz`` answers 200 (at most ``wait_s``). Returns the base URL."""
+    ``/healthz`` answers 200 (at most ``wait_s``). Returns the base URL.
+
+    ``proxy_location``: Serve's HTTP proxies, ``EveryNode`` (Serve's default) or ``HeadOnly``
+    (one proxy; needed where several Ray nodes share one host and so one port)."""
     import ray
     from ray import serve
 
@@ -34,8 +37,9 @@ def start(cfg: ServeConfig, *, ray_num_cpus: int | None = None, wait_s: float = 
             kwargs["runtime_env"] = {"env_vars": worker_env()}
         ray.init(**kwargs)
     # no per-request access log lines: they cost CPU on every request of a small machine
+    extra: dict[str, Any] = {"proxy_location": proxy_location} if proxy_location else {}
     serve.start(http_options={"host": cfg.host, "port": cfg.port},
-                logging_config={"log_level": "WARNING", "enable_access_log": False})
+                logging_config={"log_level": "WARNING", "enable_access_log": False}, **extra)
     serve.run(build_app(cfg.to_args()), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{_client_host(cfg.host)}:{cfg.port}"
     wait_ready(url, wait_s)

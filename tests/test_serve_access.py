@@ -98,7 +98,7 @@ def test_open_mode_until_the_first_key(env):
     # /metrics names every model in its labels: admin only once keys exist
     for h in ({}, _bearer(env["key_a"]["token"])):
         assert c.get("/metrics", headers=h).status_code == 401
-    assert 'model="acme-a"' in c.get("/metrics", headers=AUTH).text
+    assert 'model="acme-a"' in c.get("/metrics?scope=all", headers=AUTH).text
     assert c.get("/healthz").status_code == 200  # probes stay open
     # the admin token reads everything
     assert [m["name"] for m in c.get("/v1/models", headers=AUTH).json()["models"]] == ["acme-a", "acme-b", "bob-a"]
