@@ -22,8 +22,7 @@ logger = logging.getLogger("bitdelta")
 
 
 def add_core_commands(sub: argparse._SubParsersAction) -> None:
-    """compress / inspect / apply (issue: core)."""
-    # COMMANDS-CORE
+    """compress / inspect / apply."""
     from .codec import Granularity
 
     rule_help = ("exact parameter name, suffix on a '.' boundary (e.g. 'query.weight'), or 're:<regex>' "
@@ -145,8 +144,7 @@ def _cmd_apply(args) -> int:
 
 
 def add_data_commands(sub: argparse._SubParsersAction) -> None:
-    """finetune / distill / eval (issue: distillation & evaluation)."""
-    # COMMANDS-DATA
+    """finetune / distill / eval."""
     from .data import TASKS
 
     def data_args(p, split_default: str, what: str) -> None:

@@ -159,7 +159,7 @@ def curl_examples(url: str, token_hint: str, model_file: str = ".cache/demo/arti
   # list fine-tunes, health, Prometheus metrics, OpenAPI docs ({url}/docs)
   curl -s {url}/v1/models
   curl -s {url}/healthz
-  curl -s {url}/metrics | grep -E '^bitdelta_(requests|batch_size|pool_bytes)' | head
+  curl -s '{url}/metrics?scope=all' | grep -E '^bitdelta_(requests|batch_size|pool_bytes)' | head
   # register / replace / delete a fine-tune at runtime (admin token: {token_hint})
   curl -s -X POST {url}/v1/models -H "Authorization: Bearer $BITDELTA_ADMIN_TOKEN" \\
        -F name=sentiment2 -F file=@{model_file}
