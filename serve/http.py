@@ -30,6 +30,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bitdelta_core.errors import BitDeltaError, InvalidInputError, UnknownModelError
+from bitdelta_core.naming import NAME_PATTERN, NAME_RULE, is_valid_name
 
 from .access import AccessControl, Principal
 from .access import http as access_http
@@ -38,7 +39,7 @@ from .config import ServeConfig
 from .errors import ApiError, classify_exception
 from .metrics import render
 from .schemas import ClassifyRequest, ClassifyResponse, ErrorResponse, Health, ModelInfo, ModelList
-from .store import NAME_PATTERN, check_name
+from .store import check_name
 
 logger = logging.getLogger("bitdelta.serve")
 
@@ -265,7 +266,7 @@ _UPLOAD_OPENAPI = {
             "type": "object", "required": ["name", "file"],
             "properties": {
                 "name": {"type": "string", "pattern": f"^{NAME_PATTERN.pattern}$",
-                         "description": "model name (1-64 chars of A-Z a-z 0-9 . _ -, starting alphanumeric)"},
+                         "description": f"model name ({NAME_RULE})"},
                 "file": {"type": "string", "format": "binary",
                          "description": "a .safetensors delta artifact made by `bitdelta compress`"},
                 "replace": {"type": "boolean", "default": False,
@@ -341,7 +342,7 @@ class Routes:
     async def classify(self, req: ClassifyRequest, request: Request):
         t0 = time.perf_counter()
         m = self.replica
-        label = req.model if NAME_PATTERN.fullmatch(req.model) else "_invalid"
+        label = req.model if is_valid_name(req.model) else "_invalid"
         code = 500
         try:
             principal = self._principal(request)
@@ -377,7 +378,7 @@ class Routes:
     async def get_model(self, name: str, request: Request):
         principal = self._principal(request)
         self.access.check_rate(principal)
-        if not NAME_PATTERN.fullmatch(name):
+        if not is_valid_name(name):
             raise _unknown(name)
         if not principal.sees(name):
             raise await self._hidden(name)
@@ -458,7 +459,7 @@ class Routes:
         sha = None
         try:
             self.access.manager_precheck(auth)
-            if not NAME_PATTERN.fullmatch(name):
+            if not is_valid_name(name):
                 raise _unknown(name)
             actor = self.access.manager(auth, name).actor
             sha = (await self.replica.unregister(name)).get("sha256")
@@ -476,7 +477,7 @@ class Routes:
             self.replica.m_deletions.inc(result=result)
             if actor is not None:
                 await asyncio.to_thread(self.access.audit, actor, "delete", result=result,
-                                        model=name if NAME_PATTERN.fullmatch(name) else None, sha256=sha)
+                                        model=name if is_valid_name(name) else None, sha256=sha)
 
     # ---- API keys and audit trail (admin token; logic in serve.access.http) -------------------------
     @app.post("/v1/keys", status_code=201, response_model=KeyCreated, responses={k: ERRORS[k] for k in (401, 413, 422)},

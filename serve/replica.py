@@ -22,12 +22,13 @@ import time
 from typing import Any
 
 from bitdelta_core.errors import BitDeltaError, ModelExistsError, UnknownModelError
+from bitdelta_core.naming import is_valid_name
 
 from .batching import BatchItem, BatchStats, MicroBatcher
 from .config import ServeConfig
 from .metrics import LATENCY_BUCKETS, SIZE_BUCKETS, TOKEN_BUCKETS, Registry, Sink
 from .reconcile import Reconciler
-from .store import NAME_PATTERN, ArtifactStore, check_name
+from .store import ArtifactStore, check_name
 
 logger = logging.getLogger("bitdelta.serve")
 
@@ -255,7 +256,7 @@ class Replica:
         return await asyncio.to_thread(self._unregister, name)
 
     def _unregister(self, name: str) -> dict[str, Any]:
-        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        if not is_valid_name(name):
             raise UnknownModelError(f"model {name!r} is not registered")
         with self.reconciler.lock:
             entry = self.store.delete(name)
