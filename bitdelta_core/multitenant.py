@@ -21,6 +21,10 @@ exact type); in the forward a wrapper
   multiplied right away, so no ``W_t`` is ever materialised and the base weight is read once
   per layer, not once per tenant (same values as the merged path; faster than even cached
   merged weights on the 2-core benchmark machine).
+* on CUDA with the optional Triton kernels (:mod:`.triton_kernel`), every Linear/Conv1D and
+  embedding runs all groups of the batch in one launch: the base product plus each group's
+  ``α ⊙ sign(Δ)`` unpacked from the packed bits in the kernel, no merged weight on the device
+  (``triton_kernel=False`` or ``BITDELTA_TRITON=0``: the stacked ``baddbmm`` path instead).
 
 Everything that is not a parameterised module (attention, activations, pooling) runs once for
 the whole batch. Heads may differ per tenant (``num_labels``, label names, problem type): the
@@ -275,6 +279,9 @@ class BatchContext:
     # path that runs all groups of a Linear layer as one batched matmul (few kernel launches)
     pad_index: tuple[torch.Tensor, torch.Tensor] | None = None
     rmax: int = 0
+    # Triton path, built once per forward and shared by layers: each group's table row, tile
+    # plans (bitdelta_core.triton_kernel.TilePlan) per row layout, the embeddings' row map
+    plans: dict = field(default_factory=dict)
     # the whole batch is one tenant's rows (that tenant) / only base rows: decided once here so
     # that every layer's forward takes its fast path with one attribute read
     single: Tenant | None = field(default=None, init=False)
@@ -301,15 +308,19 @@ class BatchContext:
 class _Runtime:
     """What the wrapped layers share with the engine: the running batch's context (set for
     the duration of one forward, ``None`` outside), the working-weight cache, the cache of
-    tenant-derived constants and the compiled kernel. One narrow object instead of a
-    back-pointer to the engine."""
+    tenant-derived constants, the compiled CPU kernel and the Triton kernels (the module and
+    the tenants' table rows; ``None`` when off). One narrow object instead of a back-pointer
+    to the engine."""
 
-    def __init__(self, cache: "WorkingCache", derived: "DerivedCache", kernel, const_ids: set[int]):
+    def __init__(self, cache: "WorkingCache", derived: "DerivedCache", kernel, const_ids: set[int],
+                 triton=None, triton_tables=None):
         self.ctx: BatchContext | None = None
         self.cache = cache
         self.derived = derived
         self.kernel = kernel
         self.const_ids = const_ids  # ids of the base model's parameters and buffers
+        self.triton = triton  # bitdelta_core.triton_kernel, or None
+        self.triton_tables = triton_tables  # triton_kernel.DeltaTables: tenant -> table row
 
 
 class DerivedCache:
@@ -679,6 +690,37 @@ class TenantLayer(nn.Module):
         base = self.base
         return {p: getattr(base, p) if p not in d else self._param(t, p, d[p], ctx) for p in self.param_names}
 
+    # -- Triton tables (CUDA; bitdelta_core.triton_kernel), used by Linear-like and embedding layers
+    def _triton_table(self):
+        """This layer's device table of the tenants' delta addresses (written once per tenant)."""
+        base = self.base
+        return self._rt.triton.LayerTable(self._rt.triton_tables, base.weight.detach(),
+                                          getattr(base, "bias", None), self._triton_entry)
+
+    def _triton_entry(self, tenant: Tenant):
+        """This layer's table entry for a tenant: its 1-bit weight and bias (``None``: the base's),
+        or ``"dense"`` for a replacement weight (heads), which the kernel does not cover."""
+        d = tenant.layers.get(self.name, {})
+        wd, bd = d.get("weight"), d.get("bias")
+        if (wd is not None and wd.kind != "sign") or (bd is not None and bd.kind != "dense"):
+            return "dense"
+        if wd is None and bd is None:
+            return None
+        tk = self._rt.triton
+        bias = getattr(self.base, "bias", None) if bd is None else bd.dense
+        if wd is None:
+            return tk.DeltaGroup(0, 0, bias=bias)
+        return tk.DeltaGroup(0, 0, wd.sign.signs, wd.sign.scale, wd.index, bias)
+
+    def _triton_rows(self, ctx: BatchContext) -> list[int]:
+        """Each group's table row, computed once per forward and shared by every layer."""
+        rows = ctx.plans.get("rows")
+        if rows is None:
+            tables = self._rt.triton_tables
+            rows = ctx.plans["rows"] = [tables.row(None if slot == BASE_SLOT else ctx.tenants[slot])
+                                        for slot, _ in ctx.groups]
+        return rows
+
     def _param(self, t: Tenant, pname: str, d: ParamDelta, ctx: BatchContext) -> torch.Tensor:
         if d.kind == "dense":
             return d.dense
@@ -696,7 +738,8 @@ class TenantLayer(nn.Module):
 class LinearLayer(TenantLayer):
     """``nn.Linear`` and GPT-2 ``Conv1D`` (exact types): groups write straight into their rows
     of one output; 1-bit weights run through the compiled fused kernel where it applies, all
-    groups of the batch in one call; on CUDA the stacked batched-matmul path."""
+    groups of the batch in one call; on CUDA the one-launch Triton kernel when the engine has
+    it, else the stacked batched-matmul path."""
 
     def __init__(self, name: str, base: nn.Module, rt: _Runtime):
         super().__init__(name, base, rt)
@@ -707,11 +750,17 @@ class LinearLayer(TenantLayer):
         self.fused = (rt.kernel is not None and w.dim() == 2 and w.shape[1] % 8 == 0
                       and w.dtype == torch.float32 and w.is_contiguous())
         self.width = w.shape[1 if self.conv else 0]
+        # every group of a batch in one Triton launch (CUDA), when the engine runs the kernels
+        self._table = self._triton_table() if rt.triton is not None and w.dim() == 2 else None
 
     def _one(self, t, d, ctx, args, kwargs):
         if len(args) != 1 or kwargs:
             return self.kernel(self.base, self._params(t, d, ctx), args, kwargs)
         x = args[0]
+        if self._table is not None and len(ctx.groups) == 1 and ctx.groups[0][0] == t.slot:
+            y = self._triton_forward(x, ctx)
+            if y is not None:
+                return y
         if self.fused and t.slot not in ctx.admitted:
             f = self._fused_entry(d)
             if f is not None:
@@ -742,7 +791,9 @@ class LinearLayer(TenantLayer):
         if len(args) == 1 and not kwargs:
             x = args[0]
             y = None
-            if ctx.pad_index is not None:
+            if self._table is not None:
+                y = self._triton_forward(x, ctx)
+            if y is None and ctx.pad_index is not None:
                 y = self._stacked(x, ctx)
             if y is None:
                 y = self._grouped_linear(x, ctx)
@@ -787,6 +838,91 @@ class LinearLayer(TenantLayer):
                                                 self.base.weight.detach(), fused, transposed=conv)
         return out
 
+    # -- Triton path (CUDA; bitdelta_core.triton_kernel) -----------------------------------
+    def _triton_forward(self, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor | None:
+        """The layer for every group in one Triton launch (:mod:`.triton_kernel`): the base weight
+        plus each group's ``α ⊙ sign(Δ)`` unpacked in the kernel, no merged weight. Per layer the
+        host only launches: the tenants' delta addresses sit in the layer's device table (written
+        once per tenant) and the forward's tile plan is shared by all layers. None (the other
+        paths run) where the kernel does not apply: another dtype, an input not per batch row."""
+        if not isinstance(x, torch.Tensor):
+            return None
+        tk = self._rt.triton
+        rows = self._triton_rows(ctx)
+        table = self._table
+        table.sync()
+        if table.dense_rows and not table.dense_rows.isdisjoint(rows):
+            return self._triton_groups(x, ctx)  # tenants with their own weight here (heads)
+        w = table.weight
+        K, width = x.shape[-1] if x.dim() else 0, self.width
+        if x.dtype != w.dtype or K != w.shape[0 if self.conv else 1] or x.numel() == 0:
+            return None
+        M = x.numel() // K
+        B = ctx.batch_size
+        if len(ctx.groups) == 1:  # the whole input is one group, whatever its leading dims
+            per_row = None
+        elif x.dim() >= 2 and x.shape[0] == B:
+            per_row = M // B  # tokens per batch row
+        else:
+            return None
+        key = ("plan", per_row, M)
+        plan = ctx.plans.get(key)
+        if plan is None:
+            spans = [(0, M)] if per_row is None else [(sl.start * per_row, sl.stop * per_row) for _, sl in ctx.groups]
+            plan = ctx.plans[key] = tk.make_plan(spans, x.device, rows)
+        x2 = x.reshape(-1, K)
+        if x2.stride(1) != 1:
+            x2 = x2.contiguous()
+        out = x.new_empty((*x.shape[:-1], width))
+        tk.launch_linear(x2, w, out.view(-1, width), table.table, plan, transposed=self.conv,
+                         has_bias=getattr(self.base, "bias", None) is not None)
+        return out
+
+    def _triton_groups(self, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor | None:
+        """:meth:`_triton_forward` for a layer where some tenants bring their own dense weight
+        (classification heads): the kernel runs the other groups, those tenants an ordinary GEMM
+        on their rows. None for heads of different widths (the other paths run)."""
+        tk = self._rt.triton
+        w = self.base.weight.detach()
+        B = ctx.batch_size
+        conv, width = self.conv, self.width
+        K = x.shape[-1] if x.dim() else 0
+        if x.dtype != w.dtype or K != w.shape[0 if conv else 1] or x.numel() == 0:
+            return None
+        if len(ctx.groups) == 1:
+            spans = [(0, x.numel() // K)]
+        elif x.dim() >= 2 and x.shape[0] == B:
+            per_row = x[0].numel() // K
+            spans = [(sl.start * per_row, sl.stop * per_row) for _, sl in ctx.groups]
+        else:
+            return None
+        bias = getattr(self.base, "bias", None)
+        groups, dense = [], []
+        for (slot, _), (s, e) in zip(ctx.groups, spans):
+            entry = None if slot == BASE_SLOT else self._triton_entry(ctx.tenants[slot])
+            if entry == "dense":
+                d = ctx.tenants[slot].layers[self.name]
+                wd, bd = d.get("weight"), d.get("bias")
+                if wd is None or wd.kind != "dense" or wd.dense.shape != w.shape:
+                    return None
+                dense.append((s, e, wd.dense, bias if bd is None else bd.dense))
+                groups.append(tk.DeltaGroup(s, s, bias=bias))
+            else:
+                g = entry or tk.DeltaGroup(s, e, bias=bias)
+                g.start, g.end = s, e
+                groups.append(g)
+        x2 = x.reshape(-1, K)
+        out = x.new_empty((*x.shape[:-1], width))
+        o2 = out.view(-1, width)
+        tk.grouped_linear(x2, w, groups, transposed=conv, out=o2)
+        for s, e, wt, b in dense:
+            wt = wt if conv else wt.t()
+            if b is None:
+                torch.mm(x2[s:e], wt, out=o2[s:e])
+            else:
+                torch.addmm(b, x2[s:e], wt, out=o2[s:e])
+        return out
+
     def _stacked(self, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor | None:
         """All groups in one (b)addbmm over zero-padded groups; None if weights differ in shape."""
         ws, bs = [], []
@@ -810,7 +946,12 @@ class LinearLayer(TenantLayer):
 
 class EmbeddingLayer(TenantLayer):
     """``nn.Embedding`` (exact type): ``E_base[ids] + α[ids] ⊙ sign(Δ)[ids]`` gathered straight
-    from the packed signs; only the bytes of the looked-up rows are read."""
+    from the packed signs; only the bytes of the looked-up rows are read (with the Triton
+    kernels: every row of the batch in one launch)."""
+
+    def __init__(self, name: str, base: nn.Module, rt: _Runtime):
+        super().__init__(name, base, rt)
+        self._table = self._triton_table() if rt.triton is not None and base.max_norm is None else None
 
     def forward(self, *args, **kwargs):
         ctx = self._rt.ctx
@@ -820,6 +961,10 @@ class EmbeddingLayer(TenantLayer):
         t = ctx.single
         if t is not None:
             d = t.layers.get(self.name, {}).get("weight")
+            if d is not None and self._table is not None:
+                out = self._triton_forward(ids, ctx)
+                if out is not None:
+                    return out
             out = F.embedding(ids, self.base.weight, self.base.padding_idx)
             return out if d is None else self._add_delta(out, ids, d)
         if not any(self.name in t.layers for t in ctx.tenants.values()):
@@ -827,6 +972,10 @@ class EmbeddingLayer(TenantLayer):
         B = ctx.batch_size
         if ids.dim() == 0 or ids.shape[0] not in (1, B):
             return self._on_grouped(ctx, args, kwargs)  # ids shared by all rows, not per row
+        if self._table is not None:
+            out = self._triton_forward(ids, ctx)
+            if out is not None:
+                return out
         if ids.shape[0] != B:  # (1, L) positions: the same for every row, each row's table
             ids = ids.expand(B, *ids.shape[1:])
         out = F.embedding(ids, self.base.weight, self.base.padding_idx)
@@ -843,6 +992,26 @@ class EmbeddingLayer(TenantLayer):
             ids = args[0]
             return self._add_delta(F.embedding(ids, self.base.weight, self.base.padding_idx), ids, d["weight"])
         return super()._one(t, d, ctx, args, kwargs)
+
+    def _triton_forward(self, ids: torch.Tensor, ctx: BatchContext) -> torch.Tensor | None:
+        """Every batch row's lookup in one Triton launch, each row reading its group's table row
+        (:func:`.triton_kernel.launch_embedding`); None where the kernel does not apply (ids not
+        per batch row, a tenant with a dense table here)."""
+        B = ctx.batch_size
+        if ids.dim() < 1 or ids.shape[0] not in (1, B) or ids.is_floating_point():
+            return None
+        rows = self._triton_rows(ctx)
+        table = self._table
+        table.sync()
+        if table.dense_rows and not table.dense_rows.isdisjoint(rows):
+            return None
+        trow = ctx.plans.get("rows_per_batch_row")
+        if trow is None:
+            per_row = [r for r, (_, sl) in zip(rows, ctx.groups) for _ in range(sl.stop - sl.start)]
+            trow = ctx.plans["rows_per_batch_row"] = self._rt.triton.metadata_tensor(per_row, ids.device, torch.int32)
+        if ids.shape[0] != B:
+            ids = ids.expand(B, *ids.shape[1:])
+        return self._rt.triton.launch_embedding(ids, table.weight, table.table, trow)
 
     def _add_delta(self, out: torch.Tensor, ids: torch.Tensor, d: ParamDelta) -> torch.Tensor:
         m = self.base
@@ -960,6 +1129,7 @@ class MultiTenantEngine:
         self_check: bool = True,
         stacked: bool | None = None,
         cpu_kernel: bool | None = None,
+        triton_kernel: bool | None = None,
     ):
         if dtype not in _DTYPES:
             raise InvalidInputError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
@@ -978,6 +1148,10 @@ class MultiTenantEngine:
             elif cpu_kernel:
                 raise cpu_kernel_mod.KernelUnavailableError(
                     f"the compiled kernel runs float32 on CPU only, not {dtype} on {self.device}")
+        # one-launch Triton kernels (optional dependency): None = use them on CUDA when triton
+        # imports, unless BITDELTA_TRITON=0; True = require them; False = never
+        self._triton = self._triton_module(triton_kernel)
+        self._triton_tables = self._triton.DeltaTables(self.device) if self._triton is not None else None
         if isinstance(base, nn.Module):
             loaded = load_model(base)
             self.architecture = type(base).__name__
@@ -1006,7 +1180,8 @@ class MultiTenantEngine:
         self._next_slot = 0
         self._cache = WorkingCache(cache_bytes)
         const_ids = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
-        self._rt = _Runtime(self._cache, DerivedCache(derived_cache_bytes), self._kernel, const_ids)
+        self._rt = _Runtime(self._cache, DerivedCache(derived_cache_bytes), self._kernel, const_ids,
+                            self._triton, self._triton_tables)
         self._wrap_layers()
         self._validated: weakref.WeakValueDictionary[int, DeltaArtifact] = weakref.WeakValueDictionary()
         self.base_bytes = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
@@ -1021,11 +1196,29 @@ class MultiTenantEngine:
             self._self_check()
         logger.info("engine ready: %s (%s) on %s/%s, %.1f MB base, %s, %s path%s", self.architecture,
                     self.base_name, self.device, dtype, self.base_bytes / 1e6,
-                    "compiled CPU kernel" if self._kernel is not None else "plain PyTorch layers", self.path,
+                    "compiled CPU kernel" if self._kernel is not None else
+                    "Triton kernels" if self._triton is not None else "plain PyTorch layers", self.path,
                     f" ({len(self.per_group_modules)} modules per tenant group: "
                     f"{', '.join(sorted(set(self.per_group_modules)))})" if self.per_group_modules else "")
 
     # -- construction helpers ----------------------------------------------------------------
+    def _triton_module(self, wanted: bool | None):
+        """:mod:`.triton_kernel` when the engine runs its kernels, else None (``wanted=True``:
+        :class:`~.triton_kernel.TritonUnavailableError` naming why they cannot run)."""
+        if wanted is False or (wanted is None and self.device.type != "cuda"):
+            return None
+        from . import triton_kernel as tk
+
+        if wanted is None and not tk.env_enabled():
+            return None
+        # CPU tensors run the kernels only under Triton's interpreter (the tests use it)
+        if tk.usable(self.device) or (wanted and self.device.type == "cpu" and tk.available() and tk.interpreting()):
+            return tk
+        if wanted:
+            raise tk.TritonUnavailableError(f"the Triton kernel cannot run here: {tk.unavailable_reason(self.device)}")
+        logger.info("Triton kernel unavailable (%s); using the stacked PyTorch path", tk.unavailable_reason(self.device))
+        return None
+
     @staticmethod
     def _seqcls_class(base) -> type:
         from transformers import AutoConfig, AutoModelForSequenceClassification
@@ -1504,7 +1697,7 @@ class MultiTenantEngine:
         single = len(order) == 1
         if perm != list(range(B)):
             ctx.perm = torch.tensor(perm, device=self.device)
-        if self.stacked and len(groups) >= 3:
+        if self.stacked and self._triton is None and len(groups) >= 3:
             g_idx = [g for g, (_, sl) in enumerate(groups) for _ in range(sl.stop - sl.start)]
             r_idx = [r for _, sl in groups for r in range(sl.stop - sl.start)]
             ctx.pad_index = (torch.tensor(g_idx, device=self.device), torch.tensor(r_idx, device=self.device))
@@ -1518,7 +1711,9 @@ class MultiTenantEngine:
             # per layer beats the kernel's tiles there, and small groups never need the cache
             # a batch of one tenant alone runs on its merged weights too when the cache takes it:
             # at a few tokens the fused kernel's per-call merge costs more than reading W_t
-            large = self._kernel is None or single or len(rows) * tokens_per_row >= self.fused_max_tokens
+            # (the Triton kernels never need merged weights)
+            large = self._triton is None and (self._kernel is None or single
+                                              or len(rows) * tokens_per_row >= self.fused_max_tokens)
             if large and by_slot[s].merged_bytes and self._cache.admit(s, by_slot[s].merged_bytes, pinned):
                 ctx.admitted.add(s)
         return ctx
@@ -1565,6 +1760,7 @@ class MultiTenantEngine:
                 "cache_rejections": self._cache.rejections,
                 "derived_cache_bytes": self._rt.derived.used,
                 "cpu_kernel": self._kernel is not None,
+                "triton_kernel": self._triton is not None,
                 "path": self.path,
                 "per_group_modules": sorted(set(self.per_group_modules)),
                 "tenants": tenants,

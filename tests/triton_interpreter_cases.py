@@ -253,6 +253,43 @@ def test_engine_table_rows_follow_tenants(setup):
         torch.testing.assert_close(logits[i], ref, atol=1e-4, rtol=0)
 
 
+def test_engine_triton_path_with_per_group_attention(tmp_path, monkeypatch):
+    """DeBERTa-v3 reads its relative-position table outside any layer's forward: its attention
+    runs once per tenant group (each group's layers one single-group launch), the rest of the
+    model one launch for all groups; the mixed batch equals per-model ``apply``."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    cfg = AutoConfig.for_model("deberta-v2", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=64, vocab_size=VOCAB, relative_attention=True,
+                               pos_att_type=["p2c", "c2p"], max_relative_positions=-1, position_buckets=8,
+                               norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False)
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    AutoModelForSequenceClassification.from_config(cfg).save_pretrained(base)
+    arts = {n: compress(base, finetune_tiny(base, tmp_path / n, 2, seed=s), progress=False)
+            for n, s in (("a", 1), ("b", 2))}
+    refs = {n: apply(base, a) for n, a in arts.items()}
+    refs[None] = apply(base, compress(base, base, progress=False))
+    launches = []
+    real = tk.launch_linear
+    monkeypatch.setattr(tk, "launch_linear", lambda *a, **k: launches.append(len(a[4].spans)) or real(*a, **k))
+    eng = MultiTenantEngine(base, triton_kernel=True, cpu_kernel=False)
+    assert eng.memory_report()["per_group_modules"] == ["DisentangledSelfAttention"]
+    for n, a in arts.items():
+        eng.register(n, a)
+    names = ["a", None, "b", "a", "b"]
+    ids = torch.randint(4, VOCAB, (len(names), 6), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    launches.clear()
+    logits = eng.forward({"input_ids": ids, "attention_mask": mask}, names)
+    for i, n in enumerate(names):
+        with torch.no_grad():
+            ref = refs[n](input_ids=ids[i:i + 1], attention_mask=mask[i:i + 1]).logits[0]
+        torch.testing.assert_close(logits[i], ref, atol=1e-4, rtol=0, msg=f"row {i} ({n})")
+    assert set(launches) == {1, 3}  # per-group attention projections; the other layers all groups at once
+    assert eng.memory_report()["cache_bytes"] == 0
+
+
 def test_delta_tables_assign_and_release_rows():
     class T:  # any object stands for a tenant
         pass
