@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from bitdelta_core import cli
+from serve import cli
 from bitdelta_core.compress import compress
 from serve import run
 from serve.config import ServeConfig
