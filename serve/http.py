@@ -255,6 +255,15 @@ def _check_bearer(request: Request, expected, what: str) -> None:
                        f"right token", {"WWW-Authenticate": "Bearer"})
 
 
+def _outcome(exc: BaseException) -> str:
+    """The result label of a failed admin action (registration/deletion metrics, audit trail)."""
+    if isinstance(exc, ApiError):
+        return exc.type
+    if isinstance(exc, BitDeltaError):
+        return classify_exception(exc)[1]
+    return "error"
+
+
 def _unknown(name: str) -> ApiError:
     return ApiError(404, "unknown_model", f"model {name[:80]!r} is not registered")
 
@@ -402,12 +411,9 @@ class Routes:
             result = "ok"
             await self._sync_peers()
             return JSONResponse(info, status_code=201)
-        except ApiError as e:
-            result = e.type
+        except Exception as e:
+            result = _outcome(e)
             actor = getattr(e, "actor", None) or actor
-            raise
-        except BitDeltaError as e:
-            result = classify_exception(e)[1]
             raise
         finally:
             self.replica.m_registrations.inc(result=result)
@@ -466,12 +472,9 @@ class Routes:
             result = "ok"
             await self._sync_peers()
             return Response(status_code=204)
-        except ApiError as e:
-            result = e.type
+        except Exception as e:
+            result = _outcome(e)
             actor = getattr(e, "actor", None) or actor
-            raise
-        except BitDeltaError as e:
-            result = classify_exception(e)[1]
             raise
         finally:
             self.replica.m_deletions.inc(result=result)
