@@ -38,7 +38,8 @@ from bitdelta_core.compress import compress
 from serve import run
 from serve.app import DEPLOYMENT
 from serve.config import ServeConfig
-from serve_helpers import AUTH, ADMIN, finetune, free_port, reference_predictions, save_base, texts, tiny_tokenizer
+from serve_helpers import (AUTH, ADMIN, finetune, free_port, reference_predictions, save_base, texts, tiny_tokenizer,
+                           wait_until)
 
 pytestmark = pytest.mark.slow
 logger = logging.getLogger(__name__)
@@ -152,15 +153,7 @@ def running_replicas() -> int:
 
 
 def wait_for(fn, timeout_s: float, what: str, interval_s: float = 0.25):
-    deadline = time.monotonic() + timeout_s
-    for _ in range(int(timeout_s / interval_s) + 2):
-        v = fn()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            break
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+    return wait_until(fn, timeout_s=timeout_s, interval_s=interval_s, what=what)
 
 
 def classify(http, name):
