@@ -11,11 +11,14 @@ For G tenant groups of m token rows each on one layer shape (out x in), side by 
   one_gemm   one GEMM of all G*m rows with a single weight: the floor (no multi-tenancy)
 
 Shapes default to BERT-base's (768 <-> 3072) and MiniLM-L6's (384 <-> 1536) layers with 16
-groups of 128 tokens (a 32 x 64 batch over 16 tenants) and 1 group of 2,048. Median of
+groups of 128 tokens (a 32 x 64 batch over 16 tenants) and 1 group of 2,048; ``--groups`` and
+``--shapes`` pick others (served one-sentence traffic: ~20 tokens per sentence, a few
+sentences per tenant group, e.g. ``--groups 12x40 4x40 1x480``). Median of
 ``--reps`` timed calls after a warm-up; prints a JSON summary as its last line and writes
 benchmarks/results/fused_kernel.{json,md}.
 
     python -m benchmarks.fused_kernel --threads 2
+    python -m benchmarks.fused_kernel --threads 1 --shapes 1536x384 384x1536 --groups 12x40 1x480
 """
 
 from __future__ import annotations
@@ -39,6 +42,15 @@ log = logging.getLogger("benchmarks.fused_kernel")
 
 SHAPES = [(3072, 768), (768, 3072), (768, 768), (1536, 384), (384, 1536), (384, 384)]
 GROUPS = [(16, 128), (4, 512), (1, 2048)]
+
+
+def _pair(text: str) -> tuple[int, int]:
+    """``"12x40"`` -> ``(12, 40)``."""
+    try:
+        a, b = text.lower().split("x")
+        return int(a), int(b)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two whole numbers joined by x (e.g. 12x40), got {text!r}") from None
 
 
 def _median(fn, reps: int) -> float:
@@ -99,16 +111,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="one small shape, 2 reps (CI smoke run)")
+    ap.add_argument("--shapes", nargs="+", type=_pair, metavar="OUTxIN", help="layer shapes (default: BERT-base's and MiniLM's)")
+    ap.add_argument("--groups", nargs="+", type=_pair, metavar="GxM", help="G groups of M token rows each")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     mod = cpu_kernel.load(required=True)
-    shapes, groups = (SHAPES, GROUPS) if not args.quick else ([(384, 384)], [(4, 32)])
+    shapes, groups = (args.shapes or SHAPES, args.groups or GROUPS) if not args.quick else ([(384, 384)], [(4, 32)])
     rows = [run_case(mod, N, K, G, m, 2 if args.quick else args.reps) for N, K in shapes for G, m in groups]
     out_dir = Path(os.environ.get("BENCH_OUT", RESULTS))
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = "fused_kernel" + ("_quick" if args.quick else "")
+    name = os.environ.get("BENCH_NAME", "fused_kernel" + ("_quick" if args.quick else ""))
     (out_dir / f"{name}.json").write_text(json.dumps(rows, indent=2))
     md = ["| layer (out × in) | groups × tokens | fused ms | merge + GEMM ms | cached merged GEMM ms | one GEMM (floor) ms | "
           "merge ÷ fused | cached ÷ fused | fused ÷ floor |", "|---|---|---|---|---|---|---|---|---|"]
