@@ -127,6 +127,7 @@ class BodyLimitMiddleware:
                     return await _send_json(send, 413, "payload_too_large",
                                             f"request body of {declared} bytes is larger than the limit of {limit} bytes",
                                             replica)
+
         async def tagged_send(msg):
             if msg["type"] == "http.response.start" and replica:
                 msg = {**msg, "headers": [*msg.get("headers", []), (REPLICA_HEADER.encode(), replica)]}

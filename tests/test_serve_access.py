@@ -1,7 +1,8 @@
 """Multi-tenant access over real HTTP: scoped API keys, revocation and expiry on every replica,
 per-key rate limits, the audit trail, the key/audit CLI, and bad input on the new endpoints.
 
-One local service (two replicas, tiny BERT base, real short fine-tunes) for the module; the
+One local service (two replicas, tiny BERT base, real short fine-tunes; reachable through Serve's
+proxy and, with direct ingress, on each replica's own port) for the module; the
 tests run in file order: the service starts in open mode (no classify token, no key), which the
 first key closes.
 """
