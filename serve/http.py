@@ -101,7 +101,9 @@ class BodyTooLarge(StarletteHTTPException):
 
 class BodyLimitMiddleware:
     """Pure ASGI: 413 from Content-Length before reading, or while streaming a body without one;
-    adds the ``x-bitdelta-replica`` header to every answer."""
+    the early 429 of a rate-limited API key (``settings()["refuse_early"]``, set by
+    :meth:`Routes.init_http`) before the body is read; adds the ``x-bitdelta-replica`` header
+    to every answer."""
 
     def __init__(self, app):
         self.app = app
@@ -125,6 +127,19 @@ class BodyLimitMiddleware:
                     return await _send_json(send, 413, "payload_too_large",
                                             f"request body of {declared} bytes is larger than the limit of {limit} bytes",
                                             replica)
+
+        async def tagged_send(msg):
+            if msg["type"] == "http.response.start" and replica:
+                msg = {**msg, "headers": [*msg.get("headers", []), (REPLICA_HEADER.encode(), replica)]}
+            await send(msg)
+
+        refuse_early = s.get("refuse_early")
+        if refuse_early is not None:
+            auth = next((v for k, v in scope.get("headers") or [] if k == b"authorization"), None)
+            if auth is not None:
+                early = refuse_early(scope.get("method", ""), scope.get("path", ""), auth.decode("latin-1"))
+                if early is not None:  # the body is never read: the server discards it
+                    return await early(scope, receive, tagged_send)
         seen = 0
 
         async def limited_receive():
@@ -135,11 +150,6 @@ class BodyLimitMiddleware:
                 if seen > limit:
                     raise BodyTooLarge(limit)
             return msg
-
-        async def tagged_send(msg):
-            if msg["type"] == "http.response.start" and replica:
-                msg = {**msg, "headers": [*msg.get("headers", []), (REPLICA_HEADER.encode(), replica)]}
-            await send(msg)
 
         return await self.app(scope, limited_receive, tagged_send)
 
@@ -327,6 +337,31 @@ class Routes:
         # API keys, rate limits (this replica's buckets), audit trail: serve.access, docs/access.md
         self.access = AccessControl(self.cfg.store, admin_token=self.cfg.admin_token,
                                     classify_token=self.cfg.classify_token, replica=self.replica.replica_id)
+        settings()["refuse_early"] = self.refuse_early
+
+    # the read routes that check the caller's rate limit before anything else they do
+    _RATE_CHECKED_FIRST = {("POST", "/v1/classify"), ("GET", "/v1/models")}
+
+    def refuse_early(self, method: str, path: str, authorization: str) -> JSONResponse | None:
+        """The 429 of a read request whose API key is over its rate limit whatever the body says,
+        answered by the middleware before the body is read or parsed; None lets the request go
+        on to its route (which still debits the buckets with the real input count).
+
+        The answer is the one the route's own check gives (same status, body and headers);
+        only an active key is refused here, so a bad credential still gets the route's 401, and
+        as in the routes the rate check comes before any model name is looked at."""
+        route = path if (method, path) in self._RATE_CHECKED_FIRST else None
+        if route is None and method == "GET" and path.startswith("/v1/models/") and "/" not in path[11:] and path[11:]:
+            route = "/v1/models/{name}"
+        if route is None:
+            return None
+        refused = self.access.refusal(authorization)
+        if refused is None:
+            return None
+        if route == "/v1/classify":
+            self.replica.m_requests.inc(model="_unread", code=429)
+            self.replica.m_http.inc(route=route, code=429)
+        return _json_error(refused.status, refused.type, refused.message, refused.headers)
 
     def _principal(self, request: Request) -> Principal:
         return self.access.principal(request.headers.get("authorization"))

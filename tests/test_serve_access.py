@@ -1,7 +1,8 @@
 """Multi-tenant access over real HTTP: scoped API keys, revocation and expiry on every replica,
 per-key rate limits, the audit trail, the key/audit CLI, and bad input on the new endpoints.
 
-One local service (two replicas, tiny BERT base, real short fine-tunes) for the module; the
+One local service (two replicas, tiny BERT base, real short fine-tunes; reachable through Serve's
+proxy and, with direct ingress, on each replica's own port) for the module; the
 tests run in file order: the service starts in open mode (no classify token, no key), which the
 first key closes.
 """
@@ -17,6 +18,7 @@ import sys
 import textwrap
 import time
 
+import httpx
 import pytest
 
 from serve import cli
@@ -43,10 +45,34 @@ def env(tmp_path_factory):
     store = root / "store"
     cfg = ServeConfig(base=str(base), store=str(store), admin_token=ADMIN, port=free_port(), num_replicas=REPLICAS,
                       replica_num_cpus=0.25, max_wait_ms=2, max_inputs=16)
-    url = run.start(cfg, ray_num_cpus=2, wait_s=240)
+    # Serve's direct ingress as well as its proxy (docs/service.md "Served path"): each replica
+    # also listens on a port of its own, which the flood test uses to measure without the proxy.
+    # Ray's processes read it when Ray starts here (not when Ray already runs: then no replica ports).
+    di_port = free_port()
+    with pytest.MonkeyPatch.context() as mp:
+        for kind, base_port in (("HTTP", di_port), ("GRPC", free_port())):
+            mp.setenv(f"RAY_SERVE_DIRECT_INGRESS_MIN_{kind}_PORT", str(base_port))
+            mp.setenv(f"RAY_SERVE_DIRECT_INGRESS_MAX_{kind}_PORT", str(base_port + 2 * REPLICAS))
+        mp.setenv("RAY_SERVE_ENABLE_DIRECT_INGRESS", "1")
+        mp.setenv("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")  # else run.stop() waits 30 s
+        url = run.start(cfg, ray_num_cpus=2, wait_s=240)
     with client(url) as c:
-        yield {"c": c, "url": url, "files": files, "store": store}
+        yield {"c": c, "url": url, "files": files, "store": store,
+               "direct": _replica_ports(range(di_port, di_port + 2 * REPLICAS + 1))}
     run.stop()
+
+
+def _replica_ports(ports) -> list[str]:
+    """The direct-ingress URL of every replica (one per replica), or [] when it is off."""
+    found = {}
+    for port in ports:
+        try:
+            r = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+        except httpx.HTTPError:
+            continue
+        if r.status_code == 200 and "x-bitdelta-replica" in r.headers:
+            found.setdefault(r.headers["x-bitdelta-replica"], f"http://127.0.0.1:{port}")
+    return sorted(found.values()) if len(found) == REPLICAS else []
 
 
 def _bearer(token):
@@ -189,7 +215,12 @@ def test_flood_from_one_key_is_throttled_other_key_unaffected(env, tmp_path):
     The calm key's latency is sampled with no flood, during a flood from the rate-limited key,
     and (the baseline) during the same flood from a key without a limit; the figures are printed,
     not asserted (the box is shared). The flood comes from other processes, as other tenants'
-    clients would, so the calm key's timings are not this process's threads fighting for the GIL."""
+    clients would, so the calm key's timings are not this process's threads fighting for the GIL.
+
+    All of it twice: through Serve's proxy, and (when direct ingress is on) straight to the
+    replicas' own ports, one flood process per replica and the calm client alternating between
+    them: without the proxy's CPU per request, the figures show what the replicas themselves
+    spend on a flood."""
     c = env["c"]
     rate, burst, n_calm = 4.0, 4.0, 120  # 120 samples: a p99 that is not simply the maximum
     limited = _create_key(c, name="flooder", scopes=["acme-*"], rate_limit={"requests_per_s": rate,
@@ -197,23 +228,24 @@ def test_flood_from_one_key_is_throttled_other_key_unaffected(env, tmp_path):
     unlimited = _create_key(c, name="flooder-unlimited", scopes=["acme-*"])
     calm = _create_key(c, name="calm", scopes=["acme-*"])
 
-    def calm_latencies(n):
+    def calm_latencies(clients, n):
         out = []
-        for _ in range(n):
+        for i in range(n):
             t0 = time.perf_counter()
-            r = _classify(c, "acme-b", calm["token"])
+            r = _classify(clients[i % len(clients)], "acme-b", calm["token"])
             out.append(time.perf_counter() - t0)
             assert r.status_code == 200, r.text
         return out
 
-    def flood(token, tag):
-        """Two client processes as fast as they can until the calm samples are taken (bounded)."""
+    def flood(urls, clients, token, tag):
+        """One client process per URL (two through the proxy), as fast as each can, until the
+        calm samples are taken (bounded)."""
         stop_file = tmp_path / f"stop-{tag}"
         script = textwrap.dedent(f"""
-            import json, os, time, httpx
+            import json, os, sys, time, httpx
             codes, retry = [], []
             deadline = time.monotonic() + 60
-            with httpx.Client(base_url={env["url"]!r}, timeout=30) as c:
+            with httpx.Client(base_url=sys.argv[1], timeout=30) as c:
                 for _ in range(5000):
                     if time.monotonic() > deadline or os.path.exists({str(stop_file)!r}):
                         break
@@ -226,10 +258,9 @@ def test_flood_from_one_key_is_throttled_other_key_unaffected(env, tmp_path):
             print(json.dumps({{"codes": codes, "retry": retry, "cpu_s": time.process_time()}}))
         """)
         t0 = time.monotonic()
-        procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-                 for _ in range(2)]
+        procs = [subprocess.Popen([sys.executable, "-c", script, u], stdout=subprocess.PIPE, text=True) for u in urls]
         time.sleep(1.0)  # let the flood start
-        lat = calm_latencies(n_calm)
+        lat = calm_latencies(clients, n_calm)
         stop_file.touch()
         codes, retry, cpu = [], [], 0.0
         for p in procs:
@@ -239,29 +270,88 @@ def test_flood_from_one_key_is_throttled_other_key_unaffected(env, tmp_path):
             codes, retry, cpu = codes + res["codes"], retry + res["retry"], cpu + res["cpu_s"]
         return lat, codes, retry, cpu, time.monotonic() - t0
 
-    calm_latencies(5)  # warm
-    quiet = calm_latencies(n_calm)
-    lat_l, codes, retry_after, cpu_l, elapsed = flood(limited["token"], "limited")
-    ok, refused = codes.count(200), codes.count(429)
-    assert set(codes) <= {200, 429} and refused > 0
-    assert set(retry_after) == {1}  # 1 token at 4/s: at most 0.25 s, rounded up to whole seconds
-    # the buckets are per replica: at most REPLICAS x (burst + rate x elapsed) pass
-    assert ok <= REPLICAS * (burst + rate * elapsed) + 1, (ok, elapsed)
-    lat_u, codes_u, _, cpu_u, elapsed_u = flood(unlimited["token"], "unlimited")
-    assert set(codes_u) == {200}  # no limit, no 429
+    def measure(path, urls, clients):
+        calm_latencies(clients, 5)  # warm
+        quiet = calm_latencies(clients, n_calm)
+        lat_l, codes, retry_after, cpu_l, elapsed = flood(urls, clients, limited["token"], f"limited-{path}")
+        ok, refused = codes.count(200), codes.count(429)
+        assert set(codes) <= {200, 429} and refused > 0
+        assert set(retry_after) == {1}  # 1 token at 4/s: at most 0.25 s, rounded up to whole seconds
+        # the buckets are per replica: at most REPLICAS x (burst + rate x elapsed) pass
+        assert ok <= REPLICAS * (burst + rate * elapsed) + 1, (ok, elapsed)
+        lat_u, codes_u, _, cpu_u, elapsed_u = flood(urls, clients, unlimited["token"], f"unlimited-{path}")
+        assert set(codes_u) == {200}  # no limit, no 429
 
-    def row(name, lat):
-        return (f"  {name:<34} p50 {statistics.median(lat) * 1e3:6.1f} ms  p99 {_p99(lat) * 1e3:6.1f} ms  "
-                f"p99 / quiet p99 {_p99(lat) / _p99(quiet):5.2f}")
+        def row(name, lat):
+            return (f"  {name:<34} p50 {statistics.median(lat) * 1e3:6.1f} ms  p99 {_p99(lat) * 1e3:6.1f} ms  "
+                    f"p99 / quiet p99 {_p99(lat) / _p99(quiet):5.2f}")
 
-    print(f"\nflood, rate-limited key: {len(codes)} requests in {elapsed:.1f} s, {ok} passed, {refused} got 429 "
-          f"(limit {rate:g}/s burst {burst:g} per replica, {REPLICAS} replicas); flood clients' own CPU {cpu_l:.1f} s")
-    print(f"flood, unlimited key (baseline): {len(codes_u)} requests in {elapsed_u:.1f} s, all passed; "
-          f"flood clients' own CPU {cpu_u:.1f} s")
-    print(f"calm key, {n_calm} sequential requests each:")
-    print(row("no flood", quiet))
-    print(row("flood from the rate-limited key", lat_l))
-    print(row("flood from an unlimited key", lat_u))
+        print(f"\n[{path}] flood, rate-limited key: {len(codes)} requests in {elapsed:.1f} s, {ok} passed, "
+              f"{refused} got 429 (limit {rate:g}/s burst {burst:g} per replica, {REPLICAS} replicas); "
+              f"flood clients' own CPU {cpu_l:.1f} s")
+        print(f"[{path}] flood, unlimited key (baseline): {len(codes_u)} requests in {elapsed_u:.1f} s, all passed; "
+              f"flood clients' own CPU {cpu_u:.1f} s")
+        print(f"[{path}] calm key, {n_calm} sequential requests each:")
+        print(row("no flood", quiet))
+        print(row("flood from the rate-limited key", lat_l))
+        print(row("flood from an unlimited key", lat_u))
+
+    measure("proxy", [env["url"]] * 2, [c])
+    if not env["direct"]:
+        print("\n[direct ingress] not measured: Ray was already running when the module started")
+        return
+    direct = [client(u) for u in env["direct"]]
+    try:
+        measure("direct ingress", env["direct"], direct)
+        # what one refusal costs the replica: the middleware's (empty requests bucket, body unread)
+        # against the route's (empty inputs bucket: parsed and validated first), one replica's own
+        # port, sequential and interleaved
+        early = _create_key(c, name="early-429", scopes=["acme-*"], rate_limit={"requests_per_s": 0.01})
+        late = _create_key(c, name="route-429", scopes=["acme-*"], rate_limit={"inputs_per_s": 0.01,
+                                                                               "inputs_burst": 2})
+        lat = {"early": [], "route": []}
+        for k in (early, late):
+            assert _classify(direct[0], "acme-a", k["token"]).status_code == 200  # empties its bucket
+        for _ in range(200):
+            for kind, k in (("early", early), ("route", late)):
+                t0 = time.perf_counter()
+                r = _classify(direct[0], "acme-a", k["token"])
+                lat[kind].append(time.perf_counter() - t0)
+                assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limited", r.text
+        print(f"[direct ingress] one 429, median of 200 sequential each: before the body is read "
+              f"{statistics.median(lat['early']) * 1e3:.2f} ms, in the route {statistics.median(lat['route']) * 1e3:.2f} ms")
+    finally:
+        for d in direct:
+            d.close()
+
+
+def test_over_limit_key_gets_401_once_revoked_and_the_input_limit_holds(env):
+    """A key with an empty requests bucket is refused before its body is read; revoking it turns
+    that 429 into the 401 every bad key gets, on every replica. The inputs bucket is checked
+    with the body's input count."""
+    c = env["c"]
+    k = _create_key(c, name="over-limit", scopes=["acme-*"], rate_limit={"requests_per_s": 0.5, "requests_burst": 1})
+    codes = [r.status_code for r in _fanout(lambda: _classify(c, "acme-a", k["token"]), 16)]
+    assert codes.count(200) <= REPLICAS * 2 and codes.count(429) >= 16 - REPLICAS * 2, codes
+    r = _classify(c, "acme-a", k["token"])
+    assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limited" and r.headers["retry-after"] == "2"
+    assert c.get("/v1/models", headers=_bearer(k["token"])).status_code == 429
+    # those refusals came from the early check (its classify refusals count under model "_unread")
+    assert 'model="_unread"' in c.get("/metrics?scope=all", headers=AUTH).text
+    assert c.delete(f"/v1/keys/{k['id']}", headers=AUTH).status_code == 200
+    answers = _fanout(lambda: _classify(c, "acme-a", k["token"]), 16) + \
+        _fanout(lambda: c.get("/v1/models/acme-a", headers=_bearer(k["token"])), 8)
+    for r in answers:
+        assert r.status_code == 401 and r.json()["error"]["type"] == "unauthorized", r.text
+        assert r.headers["www-authenticate"] == "Bearer"
+    assert len({r.headers["x-bitdelta-replica"] for r in answers}) == REPLICAS
+
+    n = _create_key(c, name="input-limited", scopes=["acme-*"], rate_limit={"inputs_per_s": 0.5, "inputs_burst": 2})
+    t0 = time.monotonic()
+    codes = [_classify(c, "acme-a", n["token"]).status_code for _ in range(8)]  # 2 inputs each
+    assert set(codes) == {200, 429} and codes.count(200) <= REPLICAS * (1 + (time.monotonic() - t0) / 4) + 1, codes
+    r = _classify(c, "acme-a", n["token"], inputs=texts(3, seed=5))  # more than the burst: never passes
+    assert r.status_code == 413 and r.json()["error"]["type"] == "too_many_inputs", r.text
 
 
 def test_manage_key_registers_and_deletes_within_its_scopes_only(env):

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Literal
 
 from .audit import AuditLog
-from .errors import Forbidden, Unauthorized
+from .errors import AccessError, Forbidden, RateLimited, Unauthorized
 from .keys import TOKEN_PREFIX, KeyRecord, KeyStore
 from .ratelimit import RateLimiter
 
@@ -160,6 +160,25 @@ class AccessControl:
         """Debit the key's buckets (nothing for tokens and open mode); :class:`RateLimited` (429)."""
         if principal.key is not None:
             self.limiter.check(principal.key.id, principal.key.rate_limit, inputs)
+
+    def refusal(self, authorization: str | None) -> RateLimited | None:
+        """The 429 that a read request (classify, list, get) with this ``Authorization`` gets now
+        whatever its body says, without debiting; None when the request must go on to its route.
+
+        Only an active API key whose requests bucket is empty is refused here (the inputs bucket
+        needs the body's input count: the route checks it).
+        Everything else (the admin or classify token, open mode, and a malformed, unknown, wrong,
+        revoked or expired key, which the route answers with its 401) returns None, so this
+        check never changes which answer a credential gets. It costs what :meth:`principal`
+        costs for a key: one ``stat`` of the keys file and one SHA-256."""
+        token = self.bearer(authorization)
+        if token is None or not token.startswith(TOKEN_PREFIX):
+            return None
+        try:
+            rec = self.keys.authenticate(token)
+        except AccessError:  # 401 (or an unreadable keys file): the route gives its own answer
+            return None
+        return self.limiter.peek(rec.id, rec.rate_limit)
 
     def audit(self, principal: Principal | str, action: str, *, result: str = "ok", model: str | None = None,
               sha256: str | None = None, key_id: str | None = None) -> None:

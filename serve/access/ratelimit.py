@@ -138,16 +138,43 @@ class RateLimiter:
                     bucket.refill(now)
                     wait = max(wait, bucket.wait_for(n))
             if wait > 0.0:
-                raise RateLimited(f"rate limit of this API key exceeded ({_describe(limit)}); retry after "
-                                  f"{wait:.3f} s", wait)
+                raise _refusal(limit, wait)
             if req is not None:
                 req.take(1)
             if inp is not None:
                 inp.take(inputs)
 
+    def peek(self, key_id: str, limit: RateLimit | None) -> RateLimited | None:
+        """The refusal that every request of ``key_id`` gets now, whatever its size, without
+        debiting anything: :class:`RateLimited` when the requests bucket cannot take one more
+        request, else None (the inputs bucket needs the request's input count: :meth:`check`).
+
+        Its ``Retry-After`` is the one :meth:`check` gives a one-input request, a lower bound
+        of what it gives a larger one."""
+        if limit is None or limit.requests_per_s is None:
+            return None
+        with self._lock:
+            entry = self._buckets.get(key_id)
+            if entry is None or entry[0] != limit:
+                return None  # a new (or changed) limit starts with full buckets
+            now = self.clock()
+            _, req, inp = entry
+            req.refill(now)
+            if req.wait_for(1) <= 0.0:
+                return None
+            wait = req.wait_for(1)
+            if inp is not None:
+                inp.refill(now)
+                wait = max(wait, inp.wait_for(1))
+            return _refusal(limit, wait)
+
     def forget(self, key_id: str) -> None:
         with self._lock:
             self._buckets.pop(key_id, None)
+
+
+def _refusal(limit: RateLimit, wait: float) -> RateLimited:
+    return RateLimited(f"rate limit of this API key exceeded ({_describe(limit)}); retry after {wait:.3f} s", wait)
 
 
 def _describe(limit: RateLimit) -> str:
