@@ -31,6 +31,10 @@ class ServeConfig(BaseModel):
     max_length: int | None = Field(None, ge=8, description="max tokens per input (default: the base's limit)")
     cache_bytes: int = Field(256 << 20, ge=0, description="working-weight cache budget per replica (bytes)")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads per engine replica")
+    switch_interval_ms: float = Field(
+        0.25, gt=0.0, le=100.0, description="Python's thread switch interval in each engine replica (ms): how long "
+                                            "the thread that runs the forward waits for the GIL while the event "
+                                            "loop answers other requests (Python's default is 5)")
     cpu_kernel: bool = Field(True, description="use the compiled fused CPU kernel where it builds "
                              "(float32 on CPU; plain PyTorch otherwise or when false)")
 

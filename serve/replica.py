@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import sys
 import time
 from typing import Any
 
@@ -67,6 +68,10 @@ class Replica:
         self.replica_id = replica_id or f"pid{os.getpid()}"
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
+        # the forward runs in a worker thread and gives the GIL back around every torch op; while
+        # the event loop is busy (a burst of requests, a flood of refusals) each of those returns
+        # would wait up to the switch interval, so a short one keeps forwards at their own speed
+        sys.setswitchinterval(cfg.switch_interval_ms / 1000)
         t0 = time.perf_counter()
         self.engine = MultiTenantEngine(cfg.base, device=cfg.device, dtype=cfg.dtype, cache_bytes=cfg.cache_bytes,
                                         max_length=cfg.max_length, cpu_kernel=None if cfg.cpu_kernel else False)

@@ -237,18 +237,24 @@ def test_flood_from_one_key_is_throttled_other_key_unaffected(env, tmp_path):
             assert r.status_code == 200, r.text
         return out
 
-    def flood(urls, clients, token, tag):
-        """One client process per URL (two through the proxy), as fast as each can, until the
-        calm samples are taken (bounded)."""
-        stop_file = tmp_path / f"stop-{tag}"
+    def flood(urls, clients, token, tag, per_s=0.0):
+        """One client process per URL (two through the proxy), as fast as each can (``per_s`` 0)
+        or at a fixed pace of ``per_s`` requests a second each (an open loop: a sender whose rate
+        does not depend on how fast it is answered), until the calm samples are taken (bounded)."""
+        stop_file = tmp_path / ("stop-" + "".join(ch if ch.isalnum() else "-" for ch in tag))
         script = textwrap.dedent(f"""
             import json, os, sys, time, httpx
             codes, retry = [], []
             deadline = time.monotonic() + 60
+            gap = 1 / {per_s!r} if {per_s!r} else 0.0
+            due = time.monotonic()
             with httpx.Client(base_url=sys.argv[1], timeout=30) as c:
                 for _ in range(5000):
                     if time.monotonic() > deadline or os.path.exists({str(stop_file)!r}):
                         break
+                    if gap:
+                        due += gap
+                        time.sleep(max(0.0, due - time.monotonic()))
                     r = c.post("/v1/classify", json={{"model": "acme-a", "inputs": {INPUTS!r}}},
                                headers={{"Authorization": "Bearer {token}"}})
                     codes.append(r.status_code)
@@ -270,16 +276,16 @@ def test_flood_from_one_key_is_throttled_other_key_unaffected(env, tmp_path):
             codes, retry, cpu = codes + res["codes"], retry + res["retry"], cpu + res["cpu_s"]
         return lat, codes, retry, cpu, time.monotonic() - t0
 
-    def measure(path, urls, clients):
+    def measure(path, urls, clients, per_s=0.0):
         calm_latencies(clients, 5)  # warm
         quiet = calm_latencies(clients, n_calm)
-        lat_l, codes, retry_after, cpu_l, elapsed = flood(urls, clients, limited["token"], f"limited-{path}")
+        lat_l, codes, retry_after, cpu_l, elapsed = flood(urls, clients, limited["token"], f"limited-{path}", per_s)
         ok, refused = codes.count(200), codes.count(429)
         assert set(codes) <= {200, 429} and refused > 0
         assert set(retry_after) == {1}  # 1 token at 4/s: at most 0.25 s, rounded up to whole seconds
         # the buckets are per replica: at most REPLICAS x (burst + rate x elapsed) pass
         assert ok <= REPLICAS * (burst + rate * elapsed) + 1, (ok, elapsed)
-        lat_u, codes_u, _, cpu_u, elapsed_u = flood(urls, clients, unlimited["token"], f"unlimited-{path}")
+        lat_u, codes_u, _, cpu_u, elapsed_u = flood(urls, clients, unlimited["token"], f"unlimited-{path}", per_s)
         assert set(codes_u) == {200}  # no limit, no 429
 
         def row(name, lat):
@@ -303,6 +309,9 @@ def test_flood_from_one_key_is_throttled_other_key_unaffected(env, tmp_path):
     direct = [client(u) for u in env["direct"]]
     try:
         measure("direct ingress", env["direct"], direct)
+        # a fixed-rate flood, 25x the key's limit on each replica: what a sender far over its
+        # limit costs the others when the flood's own CPU does not grow with the answers' speed
+        measure("direct ingress, open loop 100/s per replica", env["direct"], direct, per_s=100.0)
         # what one refusal costs the replica: the middleware's (empty requests bucket, body unread)
         # against the route's (empty inputs bucket: parsed and validated first), one replica's own
         # port, sequential and interleaved
