@@ -406,6 +406,25 @@ def prepare(cache: Path, T: int) -> dict[str, Any]:
     return {"base": str(base_path), "dense": str(dense_dir), "store": str(store_dir), "names": names}
 
 
+def _load(text: str) -> tuple[int, int]:
+    """``"32x1"`` -> 32 clients, 1 sentence per request."""
+    try:
+        c, n = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected CxN (clients x sentences), e.g. 32x1; got {text!r}") from None
+    if c < 1 or n < 1:
+        raise argparse.ArgumentTypeError(f"clients and sentences must be at least 1, got {text!r}")
+    return c, n
+
+
+def _tenant_set(text: str) -> tuple[int, str]:
+    """``"16:zipf"`` -> 16 tenants in use, Zipf popularity."""
+    T, _, law = text.partition(":")
+    if not T.isdigit() or int(T) < 1 or law not in ("uniform", "zipf"):
+        raise argparse.ArgumentTypeError(f"expected T:uniform or T:zipf with T >= 1, got {text!r}")
+    return int(T), law
+
+
 def tenant_sets(names: list[str], quick: bool) -> list[tuple[int, str]]:
     if quick:
         return [(16, "zipf")]
@@ -504,6 +523,11 @@ def main(argv=None) -> dict:
     p.add_argument("--open-rate", type=float, default=40.0, help="open-loop point: Poisson req/s")
     p.add_argument("--tenants", type=int, default=64, help="fine-tunes registered in the service")
     p.add_argument("--out", default=None, help="results name (default served_overhead[_quick])")
+    p.add_argument("--loads", nargs="+", type=_load, metavar="CxN",
+                   help="closed-loop points: C clients, N sentences per request (default 1x1 8x1 32x1 1x8 8x8 32x8)")
+    p.add_argument("--sets", nargs="+", type=_tenant_set, metavar="T:LAW",
+                   help="the service's tenant mixes, e.g. 16:zipf 1:uniform (default: 1, 16, 64 tenants, uniform and Zipf)")
+    p.add_argument("--no-open", action="store_true", help="skip the open-loop point")
     # server roles (internal: the orchestrator starts these as subprocesses)
     p.add_argument("--role", choices=["plain", "ray"], help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -513,6 +537,8 @@ def main(argv=None) -> dict:
     p.add_argument("--direct", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--di-port", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.sets and max(T for T, _ in args.sets) > args.tenants:
+        p.error(f"--sets uses up to {max(T for T, _ in args.sets)} tenants but only --tenants {args.tenants} are registered")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would load the generator
     if args.role == "plain":
@@ -554,13 +580,13 @@ def main(argv=None) -> dict:
                 urls[k], owner[k] = u, s
         log.info("servers up in %.0f s: %s", time.perf_counter() - t0, urls)
         texts = sample_texts(512)
-        loads = [(c, n) for n in (1, 8) for c in (1, 8, 32)]
+        loads = args.loads or [(c, n) for n in (1, 8) for c in (1, 8, 32)]
         if args.quick:
             loads = [(1, 1), (8, 1)]
         rows: list[dict] = []
-        sets = tenant_sets(prep["names"], args.quick)
+        sets = args.sets or tenant_sets(prep["names"], args.quick)
         seed = 0
-        for load in loads + ["open"]:
+        for load in loads + ([] if args.no_open else ["open"]):
             for system in [s for s in SYSTEMS if s in urls]:
                 for T, law in (sets if system.startswith("bitdelta") else [(1, "-")]):
                     names = prep["names"][:T]
