@@ -23,9 +23,10 @@ from ..errors import (
     InputTooLongError,
     InvalidInputError,
     ModelExistsError,
+    ModelLoadError,
     UnknownModelError,
 )
-from ..models import Fingerprinter, load_model
+from ..models import Fingerprinter, load_model, load_tokenizer, require_tokenizer
 from ..naming import NAME_PATTERN
 from .cache import DerivedCache, WorkingCache
 from .context import BatchContext, NeedsSplitError, _Runtime
@@ -156,13 +157,19 @@ class MultiTenantEngine:
 
     @staticmethod
     def _load_tokenizer(base):
+        """The base's tokenizer, or None: a local folder's only when it ships tokenizer files
+        (:func:`~bitdelta_core.models.load_tokenizer`), a hub id's when it loads. A base without
+        one still runs :meth:`forward`."""
         if isinstance(base, nn.Module):
             return None
-        try:
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(os.fspath(base))
-        except Exception:  # noqa: BLE001 - a base without tokenizer files can still run forward()
+        if os.path.isdir(base):
+            tok = load_tokenizer(base)
+        else:
+            try:
+                tok = require_tokenizer(base)
+            except ModelLoadError:
+                tok = None
+        if tok is None:
             logger.warning("no tokenizer found for %s: classify() needs one, forward() works", base)
             return None
         if tok.pad_token is None and tok.eos_token is not None:
