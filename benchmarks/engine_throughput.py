@@ -49,11 +49,10 @@ import torch
 
 from bitdelta_core.apply import reconstruct
 from bitdelta_core.artifact import DeltaArtifact
-from bitdelta_core.codec import SignDelta
+from bitdelta_core.codec import Codec, SignDelta
 from bitdelta_core.compress import compress
 from bitdelta_core.models import LoadedModel, load_model
 from bitdelta_core.multitenant import MultiTenantEngine
-from bitdelta_core.select import Codec
 
 RESULTS = Path(__file__).parent / "results"
 log = logging.getLogger("benchmarks.engine_throughput")

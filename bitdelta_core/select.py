@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .codec import Codec, Granularity  # noqa: F401 - Codec re-exported for callers of select
+from .codec import Codec, Granularity
 from .dtypes import FLOAT_DTYPES
 from .errors import ConfigError
 

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from bitdelta_core.select import Codec
+from bitdelta_core.codec import Codec
 
 # fp16 scales: half an ulp of rounding (4.9e-4) plus fp32 summation-order noise
 SCALE_RTOL = 1e-3

@@ -4,6 +4,7 @@ real short fine-tunes, a local Ray Serve service on 127.0.0.1, bounded wait loop
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import time
 from pathlib import Path
@@ -98,3 +99,14 @@ def wait_until(fn, *, timeout_s: float = 30.0, interval_s: float = 0.2, what: st
 
 def client(url: str) -> httpx.Client:
     return httpx.Client(base_url=url, timeout=60.0)
+
+
+def metric(c: httpx.Client, name: str, **labels) -> float:
+    """Sum of a metric's samples in the service's ``/metrics`` text, over all replicas
+    (optionally only the samples carrying every given label value)."""
+    total = 0.0
+    for line in c.get("/metrics").text.splitlines():
+        m = re.match(rf"{name}(\{{[^}}]*\}})? (\S+)$", line)
+        if m and all(f'{k}="{v}"' in (m.group(1) or "") for k, v in labels.items()):
+            total += float(m.group(2))
+    return total

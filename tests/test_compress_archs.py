@@ -10,9 +10,9 @@ import torch
 
 from bitdelta_core.apply import apply, apply_to_state_dict
 from bitdelta_core.artifact import artifact_from_bytes
+from bitdelta_core.codec import Codec
 from bitdelta_core.compress import compress
 from bitdelta_core.models import find_tied
-from bitdelta_core.select import Codec
 
 from core_reference import assert_states_equal, expected_state, packed_bytes_ok
 from tiny_models import CASES, batch, conv_pair, logits, one_torch_thread, pair  # noqa: F401

@@ -8,10 +8,11 @@ import torch
 
 from bitdelta_core.apply import apply, apply_to_state_dict
 from bitdelta_core.artifact import artifact_from_bytes
+from bitdelta_core.codec import Codec
 from bitdelta_core.compress import compress
 from bitdelta_core.distill import DistillConfig, ScaleStudent, distill
 from bitdelta_core.errors import ConfigError, DataError
-from bitdelta_core.select import Codec, CompressionConfig
+from bitdelta_core.select import CompressionConfig
 
 from distill_fixtures import dataset, tiny_base, tiny_finetune, tokenizer
 

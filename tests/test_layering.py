@@ -1,5 +1,6 @@
 """The core never depends on the service: no module under ``bitdelta_core`` imports ``serve``,
-neither in its source (any import statement, at any depth) nor at run time."""
+neither in its source (any import statement, at any depth) nor at run time. Inside the engine
+package every module imports only the modules listed before it (no cycles)."""
 
 from __future__ import annotations
 
@@ -50,6 +51,46 @@ def test_no_core_module_imports_serve():
     assert len(files) > 10  # the whole package is scanned
     hits = [f"{f.relative_to(ROOT)}:{line} {name}" for f in files for line, name in _serve_imports(f)]
     assert hits == [], f"bitdelta_core imports serve: {hits}"
+
+
+# the engine package's modules, each allowed to import (at run time) only those before it
+ENGINE_ORDER = ["tenants", "cache", "context", "kernels", "layers", "heads", "selfcheck", "engine"]
+
+
+def _package_imports(path: Path) -> list[tuple[int, str]]:
+    """``(line, module)`` of every relative import of a sibling module in one file, at any depth,
+    leaving out ``if TYPE_CHECKING:`` blocks (annotations only, never run)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+            and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+            for stmt in node.body for n in ast.walk(stmt)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and id(node) not in skip:
+            if node.module:
+                found.append((node.lineno, node.module.split(".")[0]))
+            else:  # from . import x
+                found += [(node.lineno, a.name) for a in node.names]
+    return sorted(found)
+
+
+def test_package_import_scan(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("from typing import TYPE_CHECKING\nfrom .a import x\nfrom . import b\nfrom ..codec import C\n"
+                 "if TYPE_CHECKING:\n    from .c import y\ndef g():\n    from .d.e import z\n")
+    assert _package_imports(f) == [(2, "a"), (3, "b"), (8, "d")]
+
+
+def test_engine_package_modules_import_only_earlier_ones():
+    pkg = CORE / "multitenant"
+    assert sorted(p.stem for p in pkg.glob("*.py")) == sorted(ENGINE_ORDER + ["__init__"]), \
+        "a new module of bitdelta_core/multitenant must take its place in ENGINE_ORDER"
+    bad = []
+    for i, name in enumerate(ENGINE_ORDER):
+        for line, mod in _package_imports(pkg / f"{name}.py"):
+            if mod not in ENGINE_ORDER[:i]:
+                bad.append(f"multitenant/{name}.py:{line} imports .{mod}")
+    assert bad == [], bad
 
 
 def test_importing_every_core_module_loads_no_serve_module():

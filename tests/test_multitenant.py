@@ -211,6 +211,28 @@ def test_classify_encoded_bad_input(bert):
         eng.classify_encoded(enc, "nope")
 
 
+def test_base_folder_without_tokenizer_files_has_no_tokenizer(bert, tmp_path):
+    """A folder with weights and config only: no tokenizer (never an empty stand-in that maps
+    every word to [UNK]); classify() says so, forward() still runs each row's tenant."""
+    base, art, _ = bert
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in base.iterdir():
+        if f.name in ("config.json", "model.safetensors"):
+            (bare / f.name).write_bytes(f.read_bytes())
+    eng = MultiTenantEngine(bare)
+    assert eng.tokenizer is None
+    eng.register("sent", art)
+    with pytest.raises(InvalidInputError, match="no tokenizer"):
+        eng.classify(["w1 w2"], "sent")
+    ids, mask = _batch(B=2)
+    ref = MultiTenantEngine(base)
+    ref.register("sent", art)
+    assert ref.tokenizer is not None
+    torch.testing.assert_close(eng.forward({"input_ids": ids, "attention_mask": mask}, ["sent", None]),
+                               ref.forward({"input_ids": ids, "attention_mask": mask}, ["sent", None]))
+
+
 def test_bad_input_keeps_pool_intact(bert):
     base, art, other_art = bert
     eng = MultiTenantEngine(base)

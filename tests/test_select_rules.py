@@ -10,9 +10,10 @@ import torch
 
 from bitdelta_core.apply import apply, apply_to_state_dict
 from bitdelta_core.artifact import artifact_from_bytes
+from bitdelta_core.codec import Codec
 from bitdelta_core.compress import compress, plan
 from bitdelta_core.errors import ConfigError
-from bitdelta_core.select import Codec, CompressionConfig
+from bitdelta_core.select import CompressionConfig
 
 from core_reference import assert_states_equal, expected_state, packed_bytes_ok
 from tiny_models import SEQ, TRAIN_TOKENS, VOCAB, batch, build, finetune, logits, one_torch_thread, pair  # noqa: F401

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import math
-import re
 
 import pytest
 import torch
@@ -17,7 +16,8 @@ from bitdelta_core.apply import apply
 from bitdelta_core.compress import compress
 from serve import run
 from serve.config import ServeConfig
-from serve_helpers import ADMIN, AUTH, VOCAB, client, finetune, free_port, reference_predictions, texts, tiny_tokenizer
+from serve_helpers import (ADMIN, AUTH, VOCAB, client, finetune, free_port, metric, reference_predictions, texts,
+                           tiny_tokenizer)
 
 pytestmark = pytest.mark.slow
 
@@ -36,15 +36,6 @@ def save_deberta_v3_base(path, seed: int = 0):
     AutoModelForSequenceClassification.from_config(cfg).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
-
-
-def _metric(c, name, **labels) -> float:
-    total = 0.0
-    for line in c.get("/metrics").text.splitlines():
-        m = re.match(rf"{name}(\{{[^}}]*\}})? (\S+)$", line)
-        if m and all(f'{k}="{v}"' in (m.group(1) or "") for k, v in labels.items()):
-            total += float(m.group(2))
-    return total
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +69,7 @@ def test_deberta_v3_mixed_batches_equal_offline_apply(served):
         name, inputs = job
         return name, inputs, c.post("/v1/classify", json={"model": name, "inputs": inputs, "return_all_scores": True})
 
-    before = _metric(c, "bitdelta_batch_requests_count")
+    before = metric(c, "bitdelta_batch_requests_count")
     with cf.ThreadPoolExecutor(8) as ex:
         results = list(ex.map(one, jobs))
     for name, inputs, r in results:
@@ -91,10 +82,10 @@ def test_deberta_v3_mixed_batches_equal_offline_apply(served):
             assert math.isclose(g["score"], w["score"], abs_tol=1e-4), (name, g, w)
             for k in w["scores"]:
                 assert math.isclose(g["scores"][k], w["scores"][k], abs_tol=1e-4)
-    batches = _metric(c, "bitdelta_batch_requests_count") - before
+    batches = metric(c, "bitdelta_batch_requests_count") - before
     assert 1 <= batches < len(jobs), f"{len(jobs)} concurrent requests ran in {batches} forwards"
-    mixed = _metric(c, "bitdelta_batch_models_count") - _metric(c, "bitdelta_batch_models_bucket", le="1")
+    mixed = metric(c, "bitdelta_batch_models_count") - metric(c, "bitdelta_batch_models_bucket", le="1")
     assert mixed >= 1, "no forward mixed the two fine-tunes"
     # the self-check's choice is visible to operators: the listing and a metrics label
     assert c.get("/v1/models").json()["serving_path"] == "mixed"
-    assert _metric(c, "bitdelta_serving_path", path="mixed") >= 1
+    assert metric(c, "bitdelta_serving_path", path="mixed") >= 1

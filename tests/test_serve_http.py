@@ -18,7 +18,8 @@ from bitdelta_core.apply import apply
 from bitdelta_core.compress import compress
 from serve import run
 from serve.config import ServeConfig
-from serve_helpers import ADMIN, AUTH, client, finetune, free_port, reference_predictions, save_base, texts, tiny_tokenizer
+from serve_helpers import (ADMIN, AUTH, client, finetune, free_port, metric, reference_predictions, save_base, texts,
+                           tiny_tokenizer)
 
 pytestmark = pytest.mark.slow
 
@@ -140,15 +141,15 @@ def test_concurrent_mixed_models_are_batched_and_correct(registered):
         name, inputs = job
         return name, inputs, c.post("/v1/classify", json={"model": name, "inputs": inputs})
 
-    before = _metric(c, "bitdelta_batch_requests_count")
+    before = metric(c, "bitdelta_batch_requests_count")
     with cf.ThreadPoolExecutor(12) as ex:
         results = list(ex.map(one, jobs))
     for name, inputs, r in results:
         assert r.status_code == 200, r.text
         _assert_same(r.json()["predictions"], _expected(registered, name, inputs))
-    batches = _metric(c, "bitdelta_batch_requests_count") - before
+    batches = metric(c, "bitdelta_batch_requests_count") - before
     assert 1 <= batches < len(jobs), f"{len(jobs)} concurrent requests ran in {batches} forwards"
-    mixed = _metric(c, "bitdelta_batch_models_count") - _metric(c, 'bitdelta_batch_models_bucket', le="1")
+    mixed = metric(c, "bitdelta_batch_models_count") - metric(c, 'bitdelta_batch_models_bucket', le="1")
     assert mixed >= 1, "no forward mixed two fine-tunes"
 
 
@@ -173,23 +174,13 @@ def test_metrics_prometheus_text(registered):
     assert re.search(r'bitdelta_requests_total\{code="200",model="two",replica="[^"]+"\} \d+', text)
     assert re.search(r'bitdelta_request_latency_seconds_count\{model="two",replica="[^"]+"\} \d+', text)
     assert re.search(r'bitdelta_registrations_total\{replica="[^"]+",result="ok"\} [1-9]', text)
-    assert _metric(c, "bitdelta_pool_bytes") > 0 and _metric(c, "bitdelta_base_bytes") > 0
-    assert _metric(c, "bitdelta_batch_size_count") >= 1 and _metric(c, "bitdelta_replica_rss_bytes") > 0
+    assert metric(c, "bitdelta_pool_bytes") > 0 and metric(c, "bitdelta_base_bytes") > 0
+    assert metric(c, "bitdelta_batch_size_count") >= 1 and metric(c, "bitdelta_replica_rss_bytes") > 0
     assert "bitdelta_cache_bytes" in text and "# TYPE bitdelta_batch_size histogram" in text
     # the replicas run the compiled CPU kernel wherever it builds (it does on the CI machines)
     from bitdelta_core import cpu_kernel
 
-    assert (_metric(c, "bitdelta_cpu_kernel") > 0) == (cpu_kernel.load() is not None)
-
-
-def _metric(c, name, **labels) -> float:
-    """Sum of a metric's samples over all replicas (optionally filtered by labels)."""
-    total = 0.0
-    for line in c.get("/metrics").text.splitlines():
-        m = re.match(rf"{name}(\{{[^}}]*\}})? (\S+)$", line)
-        if m and all(f'{k}="{v}"' in (m.group(1) or "") for k, v in labels.items()):
-            total += float(m.group(2))
-    return total
+    assert (metric(c, "bitdelta_cpu_kernel") > 0) == (cpu_kernel.load() is not None)
 
 
 def test_register_conflict_replace_and_delete(registered):
