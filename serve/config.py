@@ -64,6 +64,10 @@ class ServeConfig(BaseModel):
         None, description="bearer token for POST/DELETE /v1/models; unset = admin endpoints always 401")
     classify_token: SecretStr | None = Field(
         None, description="bearer token for POST /v1/classify and GET /v1/models; unset = open")
+    rate_limit_hold_s: float = Field(
+        1.0, ge=0.0, le=60.0, description="an API key over its rate limit gets its 429 after up to this many "
+                                          "seconds (until its bucket refills; a few held per key at a time), so a "
+                                          "client retrying in a loop sends at its limit; 0 = answer at once")
 
     # -- deployment ---------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="HTTP bind address (0.0.0.0 exposes the service)")

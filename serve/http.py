@@ -21,7 +21,7 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from bitdelta_core.errors import BitDeltaError, InvalidInputError, UnknownModelError
 from bitdelta_core.naming import NAME_PATTERN, NAME_RULE, is_valid_name
 
-from .access import AccessControl, Principal
+from .access import AccessControl, Principal, Tarpit
 from .access import http as access_http
 from .access.schemas import AuditList, KeyCreate, KeyCreated, KeyInfo, KeyList
 from .config import ServeConfig
@@ -336,32 +336,50 @@ class Routes:
                           replica=self.replica.replica_id)
         # API keys, rate limits (this replica's buckets), audit trail: serve.access, docs/access.md
         self.access = AccessControl(self.cfg.store, admin_token=self.cfg.admin_token,
-                                    classify_token=self.cfg.classify_token, replica=self.replica.replica_id)
+                                    classify_token=self.cfg.classify_token, replica=self.replica.replica_id,
+                                    tarpit=Tarpit(max_hold_s=self.cfg.rate_limit_hold_s))
         settings()["refuse_early"] = self.refuse_early
 
     # the read routes that check the caller's rate limit before anything else they do
     _RATE_CHECKED_FIRST = {("POST", "/v1/classify"), ("GET", "/v1/models")}
 
-    def refuse_early(self, method: str, path: str, authorization: str) -> JSONResponse | None:
+    def refuse_early(self, method: str, path: str, authorization: str) -> Callable | None:
         """The 429 of a read request whose API key is over its rate limit whatever the body says,
         answered by the middleware before the body is read or parsed; None lets the request go
         on to its route (which still debits the buckets with the real input count).
 
-        The answer is the one the route's own check gives (same status, body and headers);
-        only an active key is refused here, so a bad credential still gets the route's 401, and
+        The answer is the one the route's own check gives (same status, body and headers),
+        held until the key's bucket would take a request again (at most a second, a few
+        answers per key at a time: :class:`serve.access.ratelimit.Tarpit`) so that a client
+        retrying in a loop sends at its limit, not as fast as refusals come back; only an active
+        key is refused here, so a bad credential still gets the route's 401, and
         as in the routes the rate check comes before any model name is looked at."""
         route = path if (method, path) in self._RATE_CHECKED_FIRST else None
         if route is None and method == "GET" and path.startswith("/v1/models/") and "/" not in path[11:] and path[11:]:
             route = "/v1/models/{name}"
         if route is None:
             return None
-        refused = self.access.refusal(authorization)
-        if refused is None:
+        found = self.access.refusal(authorization)
+        if found is None:
             return None
+        key_id, refused = found
         if route == "/v1/classify":
             self.replica.m_requests.inc(model="_unread", code=429)
             self.replica.m_http.inc(route=route, code=429)
-        return _json_error(refused.status, refused.type, refused.message, refused.headers)
+        answer = _json_error(refused.status, refused.type, refused.message, refused.headers)
+        tarpit = self.access.tarpit
+        hold = tarpit.acquire(key_id, refused.retry_after_s)
+        if hold <= 0.0:
+            return answer
+
+        async def held(scope, receive, send):  # serve.access.ratelimit.Tarpit
+            try:
+                await asyncio.sleep(hold)
+            finally:
+                tarpit.release(key_id)
+            await answer(scope, receive, send)
+
+        return held
 
     def _principal(self, request: Request) -> Principal:
         return self.access.principal(request.headers.get("authorization"))

@@ -6,13 +6,17 @@ stays small, as a remote sender's would be, and the figures show what the server
 
     python tests/flood_client.py URL TOKEN STOP_FILE PER_S BODY_JSON
 
-``PER_S`` 0: as fast as the answers come (closed loop); otherwise a fixed pace (open loop).
-Stops when STOP_FILE exists, after 60 s or 20,000 requests; prints one JSON line: the status
-codes, the Retry-After values of the 429s, and its own CPU seconds.
+``PER_S`` 0: one connection, the next request as soon as the answer comes (closed loop).
+Otherwise an open loop: a request every 1/PER_S seconds whether or not earlier ones were
+answered, each on an idle keep-alive connection (up to :data:`MAX_CONNECTIONS` open; a send
+that finds none idle is counted as skipped). Stops when STOP_FILE exists, after 60 s or 20,000
+requests; prints one JSON line: the status codes, the Retry-After values of the 429s, the
+skipped sends and its own CPU seconds.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -22,6 +26,7 @@ from urllib.parse import urlsplit
 
 MAX_REQUESTS = 20_000
 MAX_SECONDS = 60.0
+MAX_CONNECTIONS = 64
 
 
 class Connection:
@@ -69,28 +74,80 @@ class Connection:
         return status, headers, body
 
 
+def _record(status: int, headers: dict[str, str], payload: bytes, codes: list[int], retry: list[int]) -> None:
+    codes.append(status)
+    if status == 429:
+        assert json.loads(payload)["error"]["type"] == "rate_limited", payload
+        retry.append(int(headers["retry-after"]))
+
+
+def closed_loop(host: str, port: int, request: bytes, stop_file: str, codes: list[int], retry: list[int]) -> None:
+    conn = Connection(host, port)
+    start = time.monotonic()
+    for _ in range(MAX_REQUESTS):
+        if time.monotonic() - start > MAX_SECONDS or os.path.exists(stop_file):
+            break
+        _record(*conn.exchange(request), codes, retry)
+
+
+async def open_loop(host: str, port: int, request: bytes, stop_file: str, per_s: float,
+                    codes: list[int], retry: list[int]) -> int:
+    """Sends at ``per_s`` on idle connections; returns how many sends found none idle."""
+    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    opened, skipped, tasks = 0, 0, set()
+
+    async def one(conn):
+        reader, writer = conn
+        writer.write(request)
+        status = int((await reader.readline()).split()[1])
+        headers = {}
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            k, _, v = line.decode("latin-1").partition(":")
+            headers[k.strip().lower()] = v.strip()
+        payload = await reader.readexactly(int(headers.get("content-length", "0")))
+        _record(status, headers, payload, codes, retry)
+        if headers.get("connection", "").lower() == "close":
+            writer.close()
+            nonlocal opened
+            opened -= 1
+        else:
+            idle.append(conn)
+
+    start = due = time.monotonic()
+    for _ in range(MAX_REQUESTS):
+        if time.monotonic() - start > MAX_SECONDS or os.path.exists(stop_file):
+            break
+        due += 1.0 / per_s
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+        if idle:
+            conn = idle.pop()
+        elif opened < MAX_CONNECTIONS:
+            conn = await asyncio.open_connection(host, port)
+            opened += 1
+        else:
+            skipped += 1
+            continue
+        task = asyncio.create_task(one(conn))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    if tasks:
+        await asyncio.wait(tasks, timeout=30)
+    return skipped
+
+
 def main() -> None:
     url, token, stop_file, per_s, body = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), sys.argv[5].encode()
     u = urlsplit(url)
     request = (f"POST /v1/classify HTTP/1.1\r\nHost: {u.hostname}:{u.port}\r\nAuthorization: Bearer {token}\r\n"
                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
-    conn = Connection(u.hostname, u.port)
     codes: list[int] = []
     retry: list[int] = []
-    gap = 1.0 / per_s if per_s > 0 else 0.0
-    start = due = time.monotonic()
-    for _ in range(MAX_REQUESTS):
-        if time.monotonic() - start > MAX_SECONDS or os.path.exists(stop_file):
-            break
-        if gap:
-            due += gap
-            time.sleep(max(0.0, due - time.monotonic()))
-        status, headers, payload = conn.exchange(request)
-        codes.append(status)
-        if status == 429:
-            assert json.loads(payload)["error"]["type"] == "rate_limited", payload
-            retry.append(int(headers["retry-after"]))
-    print(json.dumps({"codes": codes, "retry": retry, "cpu_s": time.process_time()}))
+    skipped = 0
+    if per_s > 0:
+        skipped = asyncio.run(open_loop(u.hostname, u.port, request, stop_file, per_s, codes, retry))
+    else:
+        closed_loop(u.hostname, u.port, request, stop_file, codes, retry)
+    print(json.dumps({"codes": codes, "retry": retry, "skipped": skipped, "cpu_s": time.process_time()}))
 
 
 if __name__ == "__main__":

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from types import SimpleNamespace
 
 import pytest
 
 from serve import http
-from serve.access import AccessControl, RateLimit, RateLimited, RateLimiter
+from serve.access import AccessControl, RateLimit, RateLimited, RateLimiter, Tarpit
 from serve.metrics import Counter
 
 ADMIN = "admin-token-for-tests"
@@ -30,9 +31,11 @@ class Clock:
 class Service:
     """The middleware in front of a stand-in for the classify route (same order of checks)."""
 
-    def __init__(self, tmp_path, monkeypatch):
+    def __init__(self, tmp_path, monkeypatch, tarpit: Tarpit | None = None):
         self.clock = Clock()
-        self.access = AccessControl(tmp_path, admin_token=ADMIN, clock=self.clock, replica="r0")
+        # no holds unless a test asks for them: the stepped clock does not move during a sleep
+        self.access = AccessControl(tmp_path, admin_token=ADMIN, clock=self.clock, replica="r0",
+                                    tarpit=tarpit or Tarpit(per_key=0))
         routes = http.Routes.__new__(http.Routes)
         routes.access = self.access
         routes.replica = SimpleNamespace(m_requests=Counter("requests", "", ["model", "code"]),
@@ -63,6 +66,9 @@ class Service:
 
     def request(self, token: str | None, n_inputs: int = 1, method: str = "POST", path: str = "/v1/classify"):
         """(status, headers, body, whether the body was read) of one request."""
+        return asyncio.run(self.arequest(token, n_inputs, method, path))
+
+    async def arequest(self, token: str | None, n_inputs: int = 1, method: str = "POST", path: str = "/v1/classify"):
         body = json.dumps({"model": "m", "inputs": ["x"] * n_inputs}).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         if token is not None:
@@ -78,7 +84,7 @@ class Service:
         async def send(msg):
             sent.append(msg)
 
-        asyncio.run(self.middleware(scope, receive, send))
+        await self.middleware(scope, receive, send)
         start = next(m for m in sent if m["type"] == "http.response.start")
         out = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
         return start["status"], sorted(start["headers"]), out, bool(read)
@@ -184,3 +190,43 @@ def test_peek_debits_nothing_and_matches_check():
     clock.t += 0.25
     assert rl.peek("k", lim) is None
     rl.check("k", lim)
+
+
+def test_tarpit_counts_holds_per_key():
+    t = Tarpit(max_hold_s=1.0, per_key=2)
+    assert t.acquire("a", 0.25) == 0.25 and t.acquire("a", 5.0) == 1.0  # until the refill, at most max_hold_s
+    assert t.acquire("a", 0.5) == 0.0 and t.held("a") == 2  # over per_key: answered at once
+    assert t.acquire("b", 0.5) == 0.5  # another key has its own count
+    assert t.acquire("c", 0.0) == 0.0 and t.held("c") == 0  # nothing to wait for: no hold
+    t.release("a")
+    assert t.held("a") == 1 and t.acquire("a", 0.3) == 0.3
+    t.release("a"), t.release("a"), t.release("b")
+    assert t.held("a") == 0 and t.held("b") == 0
+    assert Tarpit(per_key=0).acquire("a", 1.0) == 0.0
+    with pytest.raises(ValueError):
+        Tarpit(max_hold_s=-1)
+
+
+def test_tarpit_holds_a_refusal_until_the_bucket_refills_and_caps_holds_per_key(tmp_path, monkeypatch):
+    """A key over its limit gets the same 429, later: held for the bucket's wait (capped); beyond
+    ``per_key`` held answers the next one comes at once, so a key cannot pile up held requests."""
+    svc = Service(tmp_path, monkeypatch, tarpit=Tarpit(max_hold_s=0.3, per_key=1))
+    rec, token = svc.access.keys.create("k", ["*"], rate_limit=RateLimit(requests_per_s=0.5, requests_burst=1))
+    assert svc.request(token)[0] == 200
+    t0 = time.perf_counter()
+    held = svc.request(token)  # bucket empty for 2 s: held for max_hold_s
+    waited = time.perf_counter() - t0
+    assert held[0] == 429 and not held[3] and 0.25 <= waited < 1.5, waited
+    assert svc.access.tarpit.held(rec.id) == 0  # given back after the answer
+
+    async def two_at_once():
+        async def timed():
+            t = time.perf_counter()
+            r = await svc.arequest(token)
+            return r, time.perf_counter() - t
+        return await asyncio.gather(timed(), timed())
+
+    (r1, d1), (r2, d2) = asyncio.run(two_at_once())
+    assert r1[:3] == r2[:3] == held[:3]  # the same answer, held or not
+    assert min(d1, d2) < 0.2 and max(d1, d2) >= 0.25, (d1, d2)
+    assert svc.access.tarpit.held(rec.id) == 0

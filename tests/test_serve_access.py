@@ -258,6 +258,7 @@ def test_flood_from_one_key_is_throttled_other_key_unaffected(env, tmp_path):
             assert p.returncode == 0
             res = json.loads(out)
             codes, retry, cpu = codes + res["codes"], retry + res["retry"], cpu + res["cpu_s"]
+            assert res["skipped"] <= len(res["codes"]) // 10, res["skipped"]  # the pace was kept
         return lat, codes, retry, cpu, time.monotonic() - t0
 
     def measure(path, urls, clients, per_s=0.0):
@@ -297,23 +298,6 @@ def test_flood_from_one_key_is_throttled_other_key_unaffected(env, tmp_path):
         # its limit costs the others (the closed loop above is as many refusals as two cores serve)
         for per_s in (100.0, 300.0):
             measure(f"direct ingress, open loop {per_s:g}/s per replica", env["direct"], direct, per_s=per_s)
-        # what one refusal costs the replica: the middleware's (empty requests bucket, body unread)
-        # against the route's (empty inputs bucket: parsed and validated first), one replica's own
-        # port, sequential and interleaved
-        early = _create_key(c, name="early-429", scopes=["acme-*"], rate_limit={"requests_per_s": 0.01})
-        late = _create_key(c, name="route-429", scopes=["acme-*"], rate_limit={"inputs_per_s": 0.01,
-                                                                               "inputs_burst": 2})
-        lat = {"early": [], "route": []}
-        for k in (early, late):
-            assert _classify(direct[0], "acme-a", k["token"]).status_code == 200  # empties its bucket
-        for _ in range(200):
-            for kind, k in (("early", early), ("route", late)):
-                t0 = time.perf_counter()
-                r = _classify(direct[0], "acme-a", k["token"])
-                lat[kind].append(time.perf_counter() - t0)
-                assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limited", r.text
-        print(f"[direct ingress] one 429, median of 200 sequential each: before the body is read "
-              f"{statistics.median(lat['early']) * 1e3:.2f} ms, in the route {statistics.median(lat['route']) * 1e3:.2f} ms")
     finally:
         for d in direct:
             d.close()
@@ -325,11 +309,14 @@ def test_over_limit_key_gets_401_once_revoked_and_the_input_limit_holds(env):
     with the body's input count."""
     c = env["c"]
     k = _create_key(c, name="over-limit", scopes=["acme-*"], rate_limit={"requests_per_s": 0.5, "requests_burst": 1})
+    t0 = time.monotonic()
     codes = [r.status_code for r in _fanout(lambda: _classify(c, "acme-a", k["token"]), 16)]
-    assert codes.count(200) <= REPLICAS * 2 and codes.count(429) >= 16 - REPLICAS * 2, codes
+    passed = REPLICAS * (1 + 0.5 * (time.monotonic() - t0)) + 1  # burst 1 + 0.5/s per replica (429s are held)
+    assert set(codes) == {200, 429} and codes.count(200) <= passed, codes
     r = _classify(c, "acme-a", k["token"])
-    assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limited" and r.headers["retry-after"] == "2"
-    assert c.get("/v1/models", headers=_bearer(k["token"])).status_code == 429
+    assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limited" and r.headers["retry-after"] in ("1", "2")
+    # listing shares the key's buckets (each replica's own: a few calls reach an empty one)
+    assert 429 in [c.get("/v1/models", headers=_bearer(k["token"])).status_code for _ in range(2 * REPLICAS + 2)]
     # those refusals came from the early check (its classify refusals count under model "_unread")
     assert 'model="_unread"' in c.get("/metrics?scope=all", headers=AUTH).text
     assert c.delete(f"/v1/keys/{k['id']}", headers=AUTH).status_code == 200

@@ -10,8 +10,8 @@ from .control import AccessControl, Principal
 from .errors import (AccessError, AccessStoreError, Forbidden, InvalidKeySpec, RateLimited, RequestOverBurst,
                      Unauthorized, UnknownKey)
 from .keys import KeyRecord, KeyStore, check_scopes, scope_matches
-from .ratelimit import RateLimit, RateLimiter, TokenBucket
+from .ratelimit import RateLimit, RateLimiter, Tarpit, TokenBucket
 
 __all__ = ["ACTIONS", "AuditLog", "AccessControl", "Principal", "AccessError", "AccessStoreError", "Forbidden",
            "InvalidKeySpec", "RateLimited", "RequestOverBurst", "Unauthorized", "UnknownKey", "KeyRecord", "KeyStore",
-           "check_scopes", "scope_matches", "RateLimit", "RateLimiter", "TokenBucket"]
+           "check_scopes", "scope_matches", "RateLimit", "RateLimiter", "Tarpit", "TokenBucket"]

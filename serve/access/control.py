@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Literal
 from .audit import AuditLog
 from .errors import AccessError, Forbidden, RateLimited, Unauthorized
 from .keys import TOKEN_PREFIX, KeyRecord, KeyStore
-from .ratelimit import RateLimiter
+from .ratelimit import RateLimiter, Tarpit
 
 logger = logging.getLogger(__name__)
 
@@ -78,13 +78,14 @@ class AccessControl:
 
     def __init__(self, store_root: str | os.PathLike, *, admin_token: Any = None, classify_token: Any = None,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
-                 replica: str | None = None):
+                 replica: str | None = None, tarpit: Tarpit | None = None):
         admin, classify = _secret(admin_token), _secret(classify_token)
         self._admin = _digest(admin) if admin else None
         self._classify = _digest(classify) if classify else None
         self.keys = KeyStore(store_root, wall=wall)
         self.audit_log = AuditLog(store_root)
         self.limiter = RateLimiter(clock=clock)
+        self.tarpit = tarpit if tarpit is not None else Tarpit()
         self.replica = replica
 
     # ---- credentials ------------------------------------------------------------------------------
@@ -161,9 +162,10 @@ class AccessControl:
         if principal.key is not None:
             self.limiter.check(principal.key.id, principal.key.rate_limit, inputs)
 
-    def refusal(self, authorization: str | None) -> RateLimited | None:
-        """The 429 that a read request (classify, list, get) with this ``Authorization`` gets now
-        whatever its body says, without debiting; None when the request must go on to its route.
+    def refusal(self, authorization: str | None) -> tuple[str, RateLimited] | None:
+        """(key id, the 429) that a read request (classify, list, get) with this ``Authorization``
+        gets now whatever its body says, without debiting; None when the request must go on to
+        its route.
 
         Only an active API key whose requests bucket is empty is refused here (the inputs bucket
         needs the body's input count: the route checks it).
@@ -178,7 +180,8 @@ class AccessControl:
             rec = self.keys.authenticate(token)
         except AccessError:  # 401 (or an unreadable keys file): the route gives its own answer
             return None
-        return self.limiter.peek(rec.id, rec.rate_limit)
+        refused = self.limiter.peek(rec.id, rec.rate_limit)
+        return None if refused is None else (rec.id, refused)
 
     def audit(self, principal: Principal | str, action: str, *, result: str = "ok", model: str | None = None,
               sha256: str | None = None, key_id: str | None = None) -> None:

@@ -186,4 +186,52 @@ def _describe(limit: RateLimit) -> str:
     return "; ".join(parts) + " per replica"
 
 
-__all__ = ["RateLimit", "RateLimiter", "TokenBucket", "MAX_RATE"]
+
+
+class Tarpit:
+    """Holds the early 429 of a key over its limit until its bucket would take a request again
+    (at most ``max_hold_s``) before answering it.
+
+    A client that retries the moment it is refused, without reading ``Retry-After`` (a loop, a
+    runaway job), then sends no faster than its limit on each connection instead of as fast as
+    refusals come back: a held answer is one sleeping coroutine, no CPU, where an immediate one
+    invites the next request at once. At most ``per_key`` answers of one key are held at a time
+    on a replica (the rest are answered at once), so one key cannot fill a replica's request
+    slots with held answers; a well-behaved client waits ``Retry-After`` anyway and never
+    notices."""
+
+    def __init__(self, max_hold_s: float = 1.0, per_key: int = 8):
+        if max_hold_s < 0 or per_key < 0:
+            raise ValueError("max_hold_s and per_key must be >= 0")
+        self.max_hold_s = float(max_hold_s)
+        self.per_key = int(per_key)
+        self._held: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, key_id: str, wait_s: float) -> float:
+        """Seconds to hold this refusal (0: answer now); a hold > 0 must be given back with
+        :meth:`release`."""
+        hold = min(max(0.0, float(wait_s)), self.max_hold_s)
+        if hold <= 0.0 or self.per_key == 0:
+            return 0.0
+        with self._lock:
+            n = self._held.get(key_id, 0)
+            if n >= self.per_key:
+                return 0.0
+            self._held[key_id] = n + 1
+        return hold
+
+    def release(self, key_id: str) -> None:
+        with self._lock:
+            n = self._held.get(key_id, 0) - 1
+            if n > 0:
+                self._held[key_id] = n
+            else:
+                self._held.pop(key_id, None)
+
+    def held(self, key_id: str) -> int:
+        with self._lock:
+            return self._held.get(key_id, 0)
+
+
+__all__ = ["RateLimit", "RateLimiter", "Tarpit", "TokenBucket", "MAX_RATE"]
