@@ -166,8 +166,9 @@ COMPARE = {"hmac.compare_digest", "secrets.compare_digest", "compare_digest"}
 ACCESS_CHECKERS = {"control.py": ["_is"], "keys.py": ["verify", "authenticate"]}
 # what http.py may hand the Authorization header to instead of comparing it itself
 ACCESS_CALLS = {"self.access.principal", "self.access.admin", "self.access.manager", "self.access.manager_precheck",
-                "self.access.metrics_guard", "access_http.create_key", "access_http.list_keys", "access_http.revoke_key",
-                "access_http.read_audit"}
+                "self.access.metrics_guard", "self.access.refusal", "access_http.create_key", "access_http.list_keys",
+                "access_http.revoke_key", "access_http.read_audit",
+                "refuse_early"}  # the middleware's early 429: Routes.refuse_early, which asks self.access.refusal
 
 
 def _functions(tree) -> dict[str, ast.AST]:
@@ -183,6 +184,8 @@ def test_bearer_token_compared_in_constant_time():
     for f in checkers:
         calls = {_dotted(n.func) for n in ast.walk(f) if isinstance(n, ast.Call)}
         assert calls & (COMPARE | ACCESS_CALLS), f"{f.name} neither compares in constant time nor asks serve.access"
+    early = _functions(tree)["refuse_early"]  # what the middleware delegates to
+    assert "self.access.refusal" in {_dotted(n.func) for n in ast.walk(early) if isinstance(n, ast.Call)}
     for fname, names in ACCESS_CHECKERS.items():
         funcs = _functions(sources[f"access/{fname}"])
         for name in names:
