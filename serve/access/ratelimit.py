@@ -160,9 +160,9 @@ class RateLimiter:
             now = self.clock()
             _, req, inp = entry
             req.refill(now)
-            if req.wait_for(1) <= 0.0:
-                return None
             wait = req.wait_for(1)
+            if wait <= 0.0:
+                return None
             if inp is not None:
                 inp.refill(now)
                 wait = max(wait, inp.wait_for(1))
@@ -184,8 +184,6 @@ def _describe(limit: RateLimit) -> str:
     if limit.inputs_per_s:
         parts.append(f"{limit.inputs_per_s:g} inputs/s, burst {limit.inputs_burst:g}")
     return "; ".join(parts) + " per replica"
-
-
 
 
 class Tarpit:
