@@ -14,6 +14,20 @@ if TYPE_CHECKING:
 
 
 @dataclass
+class PackedTokens:
+    """The batch's real tokens, for Linear layers that skip padding: ``index`` holds the flat
+    positions (row-major over the sorted ``(batch, seq_len)`` grid) of every token the attention
+    mask keeps, and ``spans[g]`` group ``g``'s run of them, in the batch's group order. A Linear
+    layer whose input is laid out on that grid computes these rows only; the padding positions
+    of its output are zero (finite, and never read by a masked model's real tokens, which the
+    start-up self-check proves per architecture)."""
+
+    index: torch.Tensor
+    seq_len: int
+    spans: list[tuple[int, int]]
+
+
+@dataclass
 class BatchContext:
     batch_size: int
     # (slot, rows): the batch is sorted by tenant before the forward, so each tenant's rows are
@@ -29,6 +43,8 @@ class BatchContext:
     # Triton path, built once per forward and shared by layers: each group's table row, tile
     # plans (bitdelta_core.triton_kernel.TilePlan) per row layout, the embeddings' row map
     plans: dict = field(default_factory=dict)
+    # the real tokens of a padded batch (None: no padding, or the engine keeps padding)
+    packed: PackedTokens | None = None
     # the whole batch is one tenant's rows (that tenant) / only base rows: decided once here so
     # that every layer's forward takes its fast path with one attribute read
     single: Tenant | None = field(default=None, init=False)
@@ -50,6 +66,19 @@ class BatchContext:
                 t = self.tenants.get(slot)
                 self._narrowed.append(BatchContext(n, [(slot, slice(0, n))], {slot: t} if t else {}, self.admitted))
         return self._narrowed[g]
+
+
+def packed_tokens(mask: torch.Tensor, ctx: BatchContext) -> PackedTokens:
+    """The real tokens of the sorted batch's ``(batch, seq_len)`` attention mask, and each
+    tenant group's run of them."""
+    keep = mask.ne(0)
+    index = keep.reshape(-1).nonzero().squeeze(1)
+    per_row = keep.sum(1).cumsum(0).tolist()
+    spans = []
+    for _, rows in ctx.groups:
+        start = per_row[rows.start - 1] if rows.start else 0
+        spans.append((start, per_row[rows.stop - 1]))
+    return PackedTokens(index, mask.shape[1], spans)
 
 
 class _Runtime:

@@ -29,7 +29,7 @@ from ..errors import (
 from ..models import Fingerprinter, load_model, load_tokenizer, require_tokenizer
 from ..naming import NAME_PATTERN
 from .cache import DerivedCache, WorkingCache
-from .context import BatchContext, NeedsSplitError, _Runtime
+from .context import BatchContext, NeedsSplitError, _Runtime, packed_tokens
 from .heads import _find_head_params, _head_info, _logits, _postprocess, _seqcls_class
 from .layers import TenantLayer, _replace_submodule, _run_per_group, _scatter_rows, wrap
 from .selfcheck import run_self_check
@@ -66,6 +66,7 @@ class MultiTenantEngine:
         stacked: bool | None = None,
         cpu_kernel: bool | None = None,
         triton_kernel: bool | None = None,
+        skip_padding: bool = True,
     ):
         if dtype not in FLOAT_DTYPES:
             raise InvalidInputError(f"dtype must be one of {sorted(FLOAT_DTYPES)}, got {dtype!r}")
@@ -128,14 +129,18 @@ class MultiTenantEngine:
         self.path = "mixed"
         self.per_group_modules: list[str] = []
         self.self_check_error: float | None = None
+        # Linear layers compute a padded batch's real tokens only (PackedTokens), on the CPU
+        # paths where the self-check proves the real tokens' outputs never read the padding
+        self.skip_padding = False
         if self_check:
-            run_self_check(self)
-        logger.info("engine ready: %s (%s) on %s/%s, %.1f MB base, %s, %s path%s", self.architecture,
+            run_self_check(self, skip_padding=skip_padding and self._triton is None and not self.stacked)
+        logger.info("engine ready: %s (%s) on %s/%s, %.1f MB base, %s, %s path%s, padding %s", self.architecture,
                     self.base_name, self.device, dtype, self.base_bytes / 1e6,
                     "compiled CPU kernel" if self._kernel is not None else
                     "Triton kernels" if self._triton is not None else "plain PyTorch layers", self.path,
                     f" ({len(self.per_group_modules)} modules per tenant group: "
-                    f"{', '.join(sorted(set(self.per_group_modules)))})" if self.per_group_modules else "")
+                    f"{', '.join(sorted(set(self.per_group_modules)))})" if self.per_group_modules else "",
+                    "skipped" if self.skip_padding else "computed")
 
     # -- construction helpers ----------------------------------------------------------------
     def _triton_module(self, wanted: bool | None):
@@ -420,11 +425,17 @@ class MultiTenantEngine:
 
     def _run(self, encodings: dict[str, torch.Tensor], tenants: list[Tenant | None]) -> torch.Tensor:
         B = len(tenants)
+        mask = encodings.get("attention_mask") if self.skip_padding and self.path == "mixed" else None
+        if mask is not None and (mask.dim() != 2 or bool(mask.all())):
+            mask = None  # nothing to skip
         with self._lock:
-            ctx = self._make_context(tenants, B, next(iter(encodings.values())).numel() // B)
+            row_tokens = mask.ne(0).sum(1).tolist() if mask is not None else None
+            ctx = self._make_context(tenants, B, next(iter(encodings.values())).numel() // B, row_tokens)
             enc = {k: v.to(self.device) for k, v in encodings.items()}
             if ctx.perm is not None:
                 enc = {k: v.index_select(0, ctx.perm) for k, v in enc.items()}
+            if mask is not None:
+                ctx.packed = packed_tokens(enc["attention_mask"], ctx)
             with torch.inference_mode():
                 logits = self._forward_ctx(enc, ctx)
         if ctx.perm is not None:
@@ -470,7 +481,10 @@ class MultiTenantEngine:
             outs.append((rows, _logits(torch.func.functional_call(self.model, params, (), sub, strict=False))))
         return _scatter_rows(outs, ctx.batch_size)
 
-    def _make_context(self, tenants: list[Tenant | None], B: int, tokens_per_row: int = 1) -> BatchContext:
+    def _make_context(self, tenants: list[Tenant | None], B: int, tokens_per_row: int = 1,
+                      row_tokens: list[int] | None = None) -> BatchContext:
+        """The sorted batch's context; ``row_tokens``: each row's real tokens when the layers
+        skip padding (else every row counts ``tokens_per_row``)."""
         slots = [BASE_SLOT if t is None else t.slot for t in tenants]
         order: dict[int, list[int]] = {}
         for i, s in enumerate(slots):
@@ -501,7 +515,8 @@ class MultiTenantEngine:
             # at a few tokens the fused kernel's per-call merge costs more than reading W_t
             # (the Triton kernels never need merged weights)
             large = self._triton is None and (self._kernel is None or single
-                                              or len(rows) * tokens_per_row >= self.fused_max_tokens)
+                                              or (sum(row_tokens[i] for i in rows) if row_tokens is not None
+                                                  else len(rows) * tokens_per_row) >= self.fused_max_tokens)
             if large and by_slot[s].merged_bytes and self._cache.admit(s, by_slot[s].merged_bytes, pinned):
                 ctx.admitted.add(s)
         return ctx
@@ -550,6 +565,7 @@ class MultiTenantEngine:
                 "cpu_kernel": self._kernel is not None,
                 "triton_kernel": self._triton is not None,
                 "path": self.path,
+                "skip_padding": self.skip_padding,
                 "per_group_modules": sorted(set(self.per_group_modules)),
                 "tenants": tenants,
             }

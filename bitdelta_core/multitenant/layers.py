@@ -226,6 +226,40 @@ class LinearLayer(TenantLayer):
         # every group of a batch in one Triton launch (CUDA), when the engine runs the kernels
         self._table = self._triton_table() if rt.triton is not None and w.dim() == 2 else None
 
+    def forward(self, *args, **kwargs):
+        ctx = self._rt.ctx
+        if ctx is not None and ctx.packed is not None and len(args) == 1 and not kwargs:
+            x = args[0]
+            if (type(x) is torch.Tensor and x.dim() == 3 and x.shape[0] == ctx.batch_size
+                    and x.shape[1] == ctx.packed.seq_len):
+                y = self._packed(x, ctx)
+                if y is not None:
+                    return y
+        return super().forward(*args, **kwargs)
+
+    def _packed(self, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor | None:
+        """The layer on the batch's real tokens only (:class:`PackedTokens`): they are gathered
+        into one matrix, each group's span runs through its weights, and the output's padding
+        positions are zero. None where the groups' outputs differ in width (the padded path runs)."""
+        p = ctx.packed
+        K = x.shape[-1]
+        xp = x.reshape(-1, K).index_select(0, p.index)
+        if ctx.base_only:
+            yp = self.base(xp)
+        elif ctx.single is not None:
+            t = ctx.single
+            d = t.layers.get(self.name)
+            yp = self.base(xp) if d is None else self._one(t, d, ctx, (xp,), {})
+        elif not any(self.name in t.layers for t in ctx.tenants.values()):
+            yp = self.base(xp)
+        else:
+            yp = self._grouped_linear(xp, ctx, p.spans)
+            if yp is None:
+                return None
+        out = x.new_zeros((x.shape[0], x.shape[1], yp.shape[-1]))
+        out.view(-1, yp.shape[-1]).index_copy_(0, p.index, yp)
+        return out
+
     def _one(self, t, d, ctx, args, kwargs):
         if len(args) != 1 or kwargs:
             return self.kernel(self.base, self._params(t, d, ctx), args, kwargs)
@@ -274,24 +308,27 @@ class LinearLayer(TenantLayer):
                 return y
         return super()._mixed(ctx, args, kwargs)
 
-    def _grouped_linear(self, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor | None:
+    def _grouped_linear(self, x: torch.Tensor, ctx: BatchContext,
+                        spans: list[tuple[int, int]] | None = None) -> torch.Tensor | None:
         """Each group's ``x_g W_gᵀ + b_g`` (Conv1D: ``x_g W_g + b_g``) written straight into its
         rows of one output (no concatenation pass); tenants with a 1-bit weight go through the
-        compiled fused kernel when the layer has it. None when the groups' output widths differ
-        (heads)."""
+        compiled fused kernel when the layer has it. ``spans``: each group's rows of ``x``
+        flattened to a matrix (default: its batch rows' tokens). None when the groups' output
+        widths differ (heads)."""
         conv, width = self.conv, self.width
         for slot, _ in ctx.groups:
             d = ctx.tenants[slot].layers.get(self.name, {}).get("weight") if slot != BASE_SLOT else None
             if d is not None and d.kind == "dense" and d.dense.shape[1 if conv else 0] != width:
                 return None
         K = x.shape[-1]
-        per_row = x[0].numel() // K  # tokens per batch row
+        if spans is None:
+            per_row = x[0].numel() // K  # tokens per batch row
+            spans = [(rows.start * per_row, rows.stop * per_row) for _, rows in ctx.groups]
         x2 = x.reshape(-1, K)
         out = x.new_empty((*x.shape[:-1], width))
         o2 = out.view(-1, width)
         fused = []
-        for slot, rows in ctx.groups:
-            s, e = rows.start * per_row, rows.stop * per_row
+        for (slot, _), (s, e) in zip(ctx.groups, spans):
             t = ctx.tenants.get(slot)
             d = t.layers.get(self.name) if t is not None else None
             if d is not None and self.fused and slot not in ctx.admitted:

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..codec import SignDelta
 from ..errors import ModelLoadError
-from .context import BatchContext
+from .context import BatchContext, packed_tokens
 from .heads import _logits
 from .layers import GroupSplit, TenantLayer, _replace_submodule
 from .tenants import BASE_SLOT, ParamDelta, Tenant, merged_weight
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def run_self_check(eng: MultiTenantEngine) -> None:
+def run_self_check(eng: MultiTenantEngine, skip_padding: bool = False) -> None:
     """Prove on this architecture that a mixed batch equals per-model forwards; pick the path.
 
     Two synthetic tenants (a random 1-bit delta on every matrix, a dense change to every
@@ -34,6 +34,11 @@ def run_self_check(eng: MultiTenantEngine) -> None:
     repeats. When that does not make the batch exact, mixed batches run one forward per
     tenant group ("fallback" path, checked the same way; as a last resort on the groups'
     merged weights). Only a model that cannot run at all is refused.
+
+    With ``skip_padding``, a padded mixed batch then runs with its Linear layers on the real
+    tokens only (:class:`.context.PackedTokens`) and must give the logits of the same batch
+    computed in full; the engine skips padding only when it does (not for models whose real
+    tokens read the padding positions, such as FNet's Fourier mixing).
     """
     g = torch.Generator().manual_seed(0)
     probes, merged = {}, {}
@@ -76,6 +81,8 @@ def run_self_check(eng: MultiTenantEngine) -> None:
         if err <= tol:
             eng.self_check_error = err
             logger.debug("self-check passed for %s on the mixed path (relative error %.1e)", eng.architecture, err)
+            if skip_padding and "attention_mask" in enc:
+                eng.skip_padding = _padding_skippable(eng, groups, probes, g, tol)
             return
         if err < math.inf:
             logger.info("self-check: the mixed batch differs from per-model forwards (relative error %.1e)", err)
@@ -97,6 +104,46 @@ def run_self_check(eng: MultiTenantEngine) -> None:
     finally:
         for slot in probes:
             eng._rt.derived.drop(slot)
+
+
+def _padding_skippable(eng: MultiTenantEngine, groups, probes, g: torch.Generator, tol: float) -> bool:
+    """Whether the mixed batch's logits stay the same when its Linear layers skip padding.
+
+    The probe batch is square (as many rows as positions), so that a model whose layers see
+    ``(seq_len, batch)`` activations cannot pass by having them taken for ``(batch, seq_len)``;
+    its padding holds the tokenizer's pad id, as served batches do.
+    """
+    B = groups[-1][1].stop
+    lengths = [B, 3, B - 2, 2, B - 1][:B]
+    vocab = int(getattr(eng.config, "vocab_size", 0) or 100)
+    ids = torch.randint(min(5, vocab - 1), min(vocab, 100), (B, B), generator=g)
+    mask = torch.zeros(B, B, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    left = getattr(eng.tokenizer, "padding_side", "right") == "left"
+    if left:
+        mask = mask.flip(1)
+    pad_id = getattr(eng.tokenizer, "pad_token_id", None)
+    if pad_id is None:
+        pad_id = getattr(eng.config, "pad_token_id", None) or 0
+    ids = ids.masked_fill(mask == 0, int(pad_id))
+    enc = {"input_ids": ids.to(eng.device), "attention_mask": mask.to(eng.device)}
+    try:
+        full = _probe_forward(eng, enc, groups, probes)
+        with torch.inference_mode():
+            ctx = BatchContext(B, groups, probes)
+            ctx.packed = packed_tokens(enc["attention_mask"], ctx)
+            skipped = eng._forward_ctx(enc, ctx, strict=True).float()
+    except Exception as e:  # noqa: BLE001 - the padded batch cannot run packed: keep padding
+        logger.info("self-check: padding is computed (the packed batch fails: %s: %s)", type(e).__name__, e)
+        return False
+    err = _rel_err(skipped, full)
+    if err <= tol:
+        logger.debug("self-check: padding skipped (relative error %.1e against the full batch)", err)
+        return True
+    logger.info("self-check: %s reads padding positions (relative error %.1e); padding is computed",
+                eng.architecture, err)
+    return False
 
 
 def _probe_tenant(eng: MultiTenantEngine, slot: int, g: torch.Generator) -> tuple[Tenant, dict[str, torch.Tensor]]:
