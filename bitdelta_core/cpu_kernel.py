@@ -30,7 +30,7 @@ from .errors import EngineError
 
 logger = logging.getLogger(__name__)
 
-KERNEL_VERSION = 1  # bump when csrc/signed_linear.cpp changes meaningfully (new cache entry)
+KERNEL_VERSION = 2  # bump when csrc/signed_linear.cpp changes meaningfully (new cache entry)
 _SOURCE = Path(__file__).parent / "csrc" / "signed_linear.cpp"
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "module": ModuleType | None, "error": str
@@ -67,6 +67,8 @@ def _flags() -> tuple[str, list[str], list[str]]:
             ldflags.append("-fopenmp")
         if cap.startswith("avx"):  # torch reports AVX2 / AVX512 only on x86 CPUs that have them
             cflags += ["-mavx2", "-mfma"]
+        if cap.startswith("avx512"):  # 32 vector registers: larger register blocks
+            cflags += ["-mavx512f", "-mavx512vl"]
     suffix = re.sub(r"[^0-9a-zA-Z]+", "_", f"v{KERNEL_VERSION}_t{torch.__version__}_{cap}")
     return suffix, cflags, ldflags
 
@@ -99,6 +101,11 @@ def _build() -> tuple[ModuleType | None, str]:
         logger.warning("compiled CPU kernel unavailable (%s); using the plain PyTorch path", msg)
         return None, msg
 
+
+# groups of at most this many rows (tokens) run the register-blocked small-group kernel instead
+# of one GEMM call per tile (Linear layers, GCC/Clang builds); set False to measure without it
+SMALL_ROWS = 128
+SMALL_ROWS_ENABLED = True
 
 TILE_BYTES = 5 << 19  # 2.5 MB: a merged tile stays in the last-level cache
 
@@ -147,11 +154,12 @@ def signed_linear_groups(mod: ModuleType, x: torch.Tensor, out: torch.Tensor, we
     empty, no_index = x.new_empty(0), torch.empty(0, dtype=torch.long)
     N = weight.shape[1 if transposed else 0]
     tile = tile_size(N, weight.numel() // N, torch.get_num_threads())
+    small = SMALL_ROWS if SMALL_ROWS_ENABLED else 0
     mod.signed_linear_groups(
         x, out, weight,
         [g[0] for g in groups], [g[1] for g in groups],
         [g[2].contiguous() for g in groups], [g[3].contiguous() for g in groups],
         [no_index if g[4] is None else g[4] for g in groups],
         [empty if g[5] is None else g[5] for g in groups],
-        tile, transposed,
+        tile, transposed, small,
     )

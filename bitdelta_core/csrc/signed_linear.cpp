@@ -49,13 +49,110 @@ inline void merge_row(float* BD_RESTRICT dst, const float* BD_RESTRICT base,
   }
 }
 
+#if defined(__GNUC__) || defined(__clang__)
+// Small groups (a few sentences of one tenant): a GEMM library call per group and tile costs a
+// pass over the merged tile to pack it, which at a few dozen rows takes as long as the product.
+// Here NR merged rows are rebuilt into a buffer that stays in L1 and a register-blocked kernel
+// multiplies every row of the group by them: each merged value is built once per group and
+// read from L1, nothing is packed, and the base tile is read from the cache shared by groups.
+#define BD_SMALL_GROUPS 1
+typedef float v8f __attribute__((vector_size(32)));
+
+inline v8f load8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline float hsum8(v8f v) {
+  float t[8];
+  std::memcpy(t, &v, sizeof t);
+  return ((t[0] + t[4]) + (t[1] + t[5])) + ((t[2] + t[6]) + (t[3] + t[7]));
+}
+
+// rows of x per block: MR x NR accumulators, MR inputs and one weight vector fit the vector
+// registers (16 with AVX2, 32 with AVX-512)
+#if defined(__AVX512F__)
+constexpr int kMR = 6;
+#else
+constexpr int kMR = 3;
+#endif
+constexpr int kNR = 4;  // merged weight rows (output features) per block
+
+// out[r, j] = x[r, :] . w[j, :] (+ bias[j]) for r < MR, j < NR; K % 8 == 0.
+template <int MR, int NR>
+inline void micro(const float* BD_RESTRICT x, int64_t ldx, const float* BD_RESTRICT w, int64_t K,
+                  float* BD_RESTRICT out, int64_t ldo, const float* BD_RESTRICT bias) {
+  v8f acc[MR][NR];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NR; ++j) acc[r][j] = v8f{};
+  for (int64_t k = 0; k < K; k += 8) {
+    v8f xv[MR];
+    for (int r = 0; r < MR; ++r) xv[r] = load8(x + r * ldx + k);
+    for (int j = 0; j < NR; ++j) {
+      const v8f wv = load8(w + j * K + k);
+      for (int r = 0; r < MR; ++r) acc[r][j] += xv[r] * wv;
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NR; ++j) out[r * ldo + j] = hsum8(acc[r][j]) + (bias ? bias[j] : 0.0f);
+}
+
+template <int MR>
+inline void micro_nr(int nr, const float* x, int64_t ldx, const float* w, int64_t K, float* out, int64_t ldo,
+                     const float* bias) {
+  switch (nr) {
+    case 4: micro<MR, 4>(x, ldx, w, K, out, ldo, bias); break;
+    case 3: micro<MR, 3>(x, ldx, w, K, out, ldo, bias); break;
+    case 2: micro<MR, 2>(x, ldx, w, K, out, ldo, bias); break;
+    default: micro<MR, 1>(x, ldx, w, K, out, ldo, bias); break;
+  }
+}
+
+// One group's rows x (m x K) times output features n0..n0+nt of the merged weight, into out
+// (row stride ldo, column n0 at out[0]). Linear layout: weight rows are output features.
+void small_group(const float* x, int64_t m, int64_t K, float* out, int64_t ldo, const float* W, int64_t n0,
+                 int64_t nt, const uint8_t* bits, const float* sc, const int64_t* idx, int64_t kept,
+                 const float* bias, float* mbuf) {
+  int64_t p = idx ? std::lower_bound(idx, idx + kept, n0) - idx : 0;
+  for (int64_t n = n0; n < n0 + nt; n += kNR) {
+    const int nr = static_cast<int>(std::min<int64_t>(kNR, n0 + nt - n));
+    for (int j = 0; j < nr; ++j) {
+      const int64_t row = n + j;
+      if (!idx) {
+        merge_row(mbuf + j * K, W + row * K, bits + row * (K / 8), sc[row], K);
+      } else if (p < kept && idx[p] == row) {
+        merge_row(mbuf + j * K, W + row * K, bits + p * (K / 8), sc[p], K);
+        ++p;
+      } else {
+        std::memcpy(mbuf + j * K, W + row * K, sizeof(float) * K);
+      }
+    }
+    const float* b = bias ? bias + n : nullptr;
+    int64_t r = 0;
+    float* o = out + (n - n0);
+    for (; r + kMR <= m; r += kMR) micro_nr<kMR>(nr, x + r * K, K, mbuf, K, o + r * ldo, ldo, b);
+    switch (m - r) {  // the last rows
+#if defined(__AVX512F__)
+      case 5: micro_nr<5>(nr, x + r * K, K, mbuf, K, o + r * ldo, ldo, b); break;
+      case 4: micro_nr<4>(nr, x + r * K, K, mbuf, K, o + r * ldo, ldo, b); break;
+      case 3: micro_nr<3>(nr, x + r * K, K, mbuf, K, o + r * ldo, ldo, b); break;
+#endif
+      case 2: micro_nr<2>(nr, x + r * K, K, mbuf, K, o + r * ldo, ldo, b); break;
+      case 1: micro_nr<1>(nr, x + r * K, K, mbuf, K, o + r * ldo, ldo, b); break;
+      default: break;
+    }
+  }
+}
+#endif
+
 }  // namespace
 
 void signed_linear_groups(const torch::Tensor& x, torch::Tensor& out, const torch::Tensor& weight,
                           const std::vector<int64_t>& starts, const std::vector<int64_t>& ends,
                           const std::vector<torch::Tensor>& signs, const std::vector<torch::Tensor>& scales,
                           const std::vector<torch::Tensor>& index, const std::vector<torch::Tensor>& bias,
-                          int64_t tile, bool transposed) {
+                          int64_t tile, bool transposed, int64_t small_rows) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat, "x must be contiguous 2-D float32");
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.scalar_type() == at::kFloat,
               "weight must be contiguous 2-D float32");
@@ -98,6 +195,14 @@ void signed_linear_groups(const torch::Tensor& x, torch::Tensor& out, const torc
         if (m == 0) continue;
         const uint8_t* bits = signs[g].data_ptr<uint8_t>();
         const float* sc = scales[g].data_ptr<float>();
+#ifdef BD_SMALL_GROUPS
+        if (!transposed && m <= small_rows && x.stride(0) == K) {
+          small_group(x.data_ptr<float>() + starts[g] * K, m, K, out.data_ptr<float>() + starts[g] * out.stride(0) + n0,
+                      out.stride(0), W, n0, nt, bits, sc, index[g].numel() ? index[g].data_ptr<int64_t>() : nullptr,
+                      index[g].numel(), bias[g].numel() ? bias[g].data_ptr<float>() : nullptr, B);
+          continue;
+        }
+#endif
         if (transposed) {  // the tile is columns n0..n0+nt of every one of the K rows: (K, nt)
           const int64_t* idx = index[g].numel() ? index[g].data_ptr<int64_t>() : nullptr;
           const int64_t kept = index[g].numel();

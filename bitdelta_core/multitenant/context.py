@@ -23,8 +23,30 @@ class PackedTokens:
     start-up self-check proves per architecture)."""
 
     index: torch.Tensor
+    pad: torch.Tensor  # the flat positions of the padding
     seq_len: int
     spans: list[tuple[int, int]]
+    # the last input gathered and its real tokens: layers that read one input (the query, key
+    # and value projections) gather it once. Inference tensors keep no version counter; a model
+    # that changed that input in place between two such layers would fail the start-up
+    # self-check, which runs the model's own code on a padded batch
+    last: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """The real tokens of ``x`` (``(batch, seq_len, features)``) as one matrix."""
+        last = self.last
+        if last is not None and last[0] is x:
+            return last[1]
+        xp = x.reshape(-1, x.shape[-1]).index_select(0, self.index)
+        self.last = (x, xp)
+        return xp
+
+    def scatter(self, yp: torch.Tensor, batch: int) -> torch.Tensor:
+        """``yp`` (one row per real token) on the ``(batch, seq_len)`` grid, padding rows zero."""
+        out = yp.new_empty((batch, self.seq_len, yp.shape[-1]))
+        flat = out.view(-1, yp.shape[-1])
+        flat.index_copy_(0, self.index, yp)
+        return flat.index_fill_(0, self.pad, 0).view(out.shape)
 
 
 @dataclass
@@ -71,14 +93,15 @@ class BatchContext:
 def packed_tokens(mask: torch.Tensor, ctx: BatchContext) -> PackedTokens:
     """The real tokens of the sorted batch's ``(batch, seq_len)`` attention mask, and each
     tenant group's run of them."""
-    keep = mask.ne(0)
-    index = keep.reshape(-1).nonzero().squeeze(1)
+    keep = mask.ne(0).reshape(-1)
+    index, pad = keep.nonzero().squeeze(1), keep.logical_not().nonzero().squeeze(1)
+    keep = keep.view(mask.shape)
     per_row = keep.sum(1).cumsum(0).tolist()
     spans = []
     for _, rows in ctx.groups:
         start = per_row[rows.start - 1] if rows.start else 0
         spans.append((start, per_row[rows.stop - 1]))
-    return PackedTokens(index, mask.shape[1], spans)
+    return PackedTokens(index, pad, mask.shape[1], spans)
 
 
 class _Runtime:

@@ -242,8 +242,7 @@ class LinearLayer(TenantLayer):
         into one matrix, each group's span runs through its weights, and the output's padding
         positions are zero. None where the groups' outputs differ in width (the padded path runs)."""
         p = ctx.packed
-        K = x.shape[-1]
-        xp = x.reshape(-1, K).index_select(0, p.index)
+        xp = p.gather(x)
         if ctx.base_only:
             yp = self.base(xp)
         elif ctx.single is not None:
@@ -256,9 +255,7 @@ class LinearLayer(TenantLayer):
             yp = self._grouped_linear(xp, ctx, p.spans)
             if yp is None:
                 return None
-        out = x.new_zeros((x.shape[0], x.shape[1], yp.shape[-1]))
-        out.view(-1, yp.shape[-1]).index_copy_(0, p.index, yp)
-        return out
+        return p.scatter(yp, x.shape[0])
 
     def _one(self, t, d, ctx, args, kwargs):
         if len(args) != 1 or kwargs:
