@@ -152,4 +152,4 @@ def test_fused_kernel_quick(tmp_path, monkeypatch):
     monkeypatch.setenv("BENCH_OUT", str(tmp_path))
     s = fused_kernel.main(["--quick"])
     (r,) = s["rows"]
-    assert r["max_abs_diff"] < 1e-3 and min(r[f"{k}_ms"] for k in ("fused", "merge", "cached", "one_gemm")) > 0
+    assert r["max_abs_diff"] < 1e-3 and min(r[f"{k}_ms"] for k in ("fused", "tiles", "merge", "cached", "one_gemm")) > 0
