@@ -21,6 +21,10 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 #if defined(_MSC_VER)
 #define BD_RESTRICT __restrict
 #else
@@ -94,8 +98,19 @@ inline void micro(const float* BD_RESTRICT x, int64_t ldx, const float* BD_RESTR
       for (int r = 0; r < MR; ++r) acc[r][j] += xv[r] * wv;
     }
   }
-  for (int r = 0; r < MR; ++r)
+  for (int r = 0; r < MR; ++r) {
+#if defined(__AVX__)
+    if constexpr (NR == 4) {  // the four sums of a row in one vector: three horizontal adds, one add
+      const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps((__m256)acc[r][0], (__m256)acc[r][1]),
+                                      _mm256_hadd_ps((__m256)acc[r][2], (__m256)acc[r][3]));
+      __m128 sum = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+      if (bias) sum = _mm_add_ps(sum, _mm_loadu_ps(bias));
+      _mm_storeu_ps(out + r * ldo, sum);
+      continue;
+    }
+#endif
     for (int j = 0; j < NR; ++j) out[r * ldo + j] = hsum8(acc[r][j]) + (bias ? bias[j] : 0.0f);
+  }
 }
 
 template <int MR>
