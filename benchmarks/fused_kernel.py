@@ -82,11 +82,11 @@ def run_case(mod, N: int, K: int, G: int, m: int, reps: int) -> dict:
         cpu_kernel.signed_linear_groups(mod, x, out, W, groups)
 
     def tiles():
-        cpu_kernel.SMALL_ROWS_ENABLED = False
+        small, cpu_kernel.SMALL_ROWS = cpu_kernel.SMALL_ROWS, 0
         try:
             fused()
         finally:
-            cpu_kernel.SMALL_ROWS_ENABLED = True
+            cpu_kernel.SMALL_ROWS = small
 
     def merge():
         for (s, e), c, sc, b in zip(spans, codes, scales, bias):

@@ -103,9 +103,8 @@ def _build() -> tuple[ModuleType | None, str]:
 
 
 # groups of at most this many rows (tokens) run the register-blocked small-group kernel instead
-# of one GEMM call per tile (Linear layers, GCC/Clang builds); set False to measure without it
+# of one GEMM call per tile (Linear layers, GCC/Clang builds); 0 turns that path off
 SMALL_ROWS = 128
-SMALL_ROWS_ENABLED = True
 
 TILE_BYTES = 5 << 19  # 2.5 MB: a merged tile stays in the last-level cache
 
@@ -154,12 +153,11 @@ def signed_linear_groups(mod: ModuleType, x: torch.Tensor, out: torch.Tensor, we
     empty, no_index = x.new_empty(0), torch.empty(0, dtype=torch.long)
     N = weight.shape[1 if transposed else 0]
     tile = tile_size(N, weight.numel() // N, torch.get_num_threads())
-    small = SMALL_ROWS if SMALL_ROWS_ENABLED else 0
     mod.signed_linear_groups(
         x, out, weight,
         [g[0] for g in groups], [g[1] for g in groups],
         [g[2].contiguous() for g in groups], [g[3].contiguous() for g in groups],
         [no_index if g[4] is None else g[4] for g in groups],
         [empty if g[5] is None else g[5] for g in groups],
-        tile, transposed, small,
+        tile, transposed, SMALL_ROWS,
     )

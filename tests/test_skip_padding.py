@@ -40,8 +40,9 @@ def _padded(lengths, left: bool = False, seed: int = 0):
     ids = torch.randint(3, 60, (len(lengths), L), generator=g)
     mask = torch.zeros_like(ids)
     for i, n in enumerate(lengths):
-        mask[i, L - n:] = 1 if left else 0
-        if not left:
+        if left:
+            mask[i, L - n:] = 1
+        else:
             mask[i, :n] = 1
     ids[mask == 0] = 0
     return {"input_ids": ids, "attention_mask": mask}
@@ -103,7 +104,7 @@ def test_unpadded_batch_takes_the_plain_path(bert, monkeypatch):
     assert not calls
 
 
-def test_left_padding_decoder(monkeypatch):
+def test_left_padding_decoder():
     skip, full = _engines("gpt2")
     assert skip.skip_padding
     enc = _padded(LENGTHS, left=True, seed=5)

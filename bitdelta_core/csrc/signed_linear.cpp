@@ -211,7 +211,7 @@ void signed_linear_groups(const torch::Tensor& x, torch::Tensor& out, const torc
         const uint8_t* bits = signs[g].data_ptr<uint8_t>();
         const float* sc = scales[g].data_ptr<float>();
 #ifdef BD_SMALL_GROUPS
-        if (!transposed && m <= small_rows && x.stride(0) == K) {
+        if (!transposed && m <= small_rows) {
           small_group(x.data_ptr<float>() + starts[g] * K, m, K, out.data_ptr<float>() + starts[g] * out.stride(0) + n0,
                       out.stride(0), W, n0, nt, bits, sc, index[g].numel() ? index[g].data_ptr<int64_t>() : nullptr,
                       index[g].numel(), bias[g].numel() ? bias[g].data_ptr<float>() : nullptr, B);

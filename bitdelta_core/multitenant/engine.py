@@ -129,8 +129,8 @@ class MultiTenantEngine:
         self.path = "mixed"
         self.per_group_modules: list[str] = []
         self.self_check_error: float | None = None
-        # Linear layers compute a padded batch's real tokens only (PackedTokens), on the CPU
-        # paths where the self-check proves the real tokens' outputs never read the padding
+        # Linear layers compute a padded batch's real tokens only (PackedTokens): set by the
+        # self-check on the mixed CPU path where it proves the real tokens never read the padding
         self.skip_padding = False
         if self_check:
             run_self_check(self, skip_padding=skip_padding and self._triton is None and not self.stacked)
@@ -425,7 +425,7 @@ class MultiTenantEngine:
 
     def _run(self, encodings: dict[str, torch.Tensor], tenants: list[Tenant | None]) -> torch.Tensor:
         B = len(tenants)
-        mask = encodings.get("attention_mask") if self.skip_padding and self.path == "mixed" else None
+        mask = encodings.get("attention_mask") if self.skip_padding else None
         if mask is not None and (mask.dim() != 2 or bool(mask.all())):
             mask = None  # nothing to skip
         with self._lock:

@@ -243,14 +243,8 @@ class LinearLayer(TenantLayer):
         positions are zero. None where the groups' outputs differ in width (the padded path runs)."""
         p = ctx.packed
         xp = p.gather(x)
-        if ctx.base_only:
-            yp = self.base(xp)
-        elif ctx.single is not None:
-            t = ctx.single
-            d = t.layers.get(self.name)
-            yp = self.base(xp) if d is None else self._one(t, d, ctx, (xp,), {})
-        elif not any(self.name in t.layers for t in ctx.tenants.values()):
-            yp = self.base(xp)
+        if ctx.base_only or ctx.single is not None or not any(self.name in t.layers for t in ctx.tenants.values()):
+            yp = super().forward(xp)  # one set of weights for every token: the ordinary dispatch
         else:
             yp = self._grouped_linear(xp, ctx, p.spans)
             if yp is None:

@@ -38,7 +38,7 @@ def run_self_check(eng: MultiTenantEngine, skip_padding: bool = False) -> None:
     With ``skip_padding``, a padded mixed batch then runs with its Linear layers on the real
     tokens only (:class:`.context.PackedTokens`) and must give the logits of the same batch
     computed in full; the engine skips padding only when it does (not for models whose real
-    tokens read the padding positions, such as FNet's Fourier mixing).
+    tokens read the padding positions, such as ConvBERT's convolution over positions).
     """
     g = torch.Generator().manual_seed(0)
     probes, merged = {}, {}
@@ -130,10 +130,7 @@ def _padding_skippable(eng: MultiTenantEngine, groups, probes, g: torch.Generato
     enc = {"input_ids": ids.to(eng.device), "attention_mask": mask.to(eng.device)}
     try:
         full = _probe_forward(eng, enc, groups, probes)
-        with torch.inference_mode():
-            ctx = BatchContext(B, groups, probes)
-            ctx.packed = packed_tokens(enc["attention_mask"], ctx)
-            skipped = eng._forward_ctx(enc, ctx, strict=True).float()
+        skipped = _probe_forward(eng, enc, groups, probes, packed=True)
     except Exception as e:  # noqa: BLE001 - the padded batch cannot run packed: keep padding
         logger.info("self-check: padding is computed (the packed batch fails: %s: %s)", type(e).__name__, e)
         return False
@@ -168,9 +165,13 @@ def _probe_tenant(eng: MultiTenantEngine, slot: int, g: torch.Generator) -> tupl
     return Tenant(None, slot, layers, 0, None, "", 0), merged
 
 
-def _probe_forward(eng: MultiTenantEngine, enc, groups, probes) -> torch.Tensor:
+def _probe_forward(eng: MultiTenantEngine, enc, groups, probes, packed: bool = False) -> torch.Tensor:
+    """Logits of the probe batch; ``packed``: its Linear layers on the real tokens only."""
+    ctx = BatchContext(enc["input_ids"].shape[0], groups, probes)
+    if packed:
+        ctx.packed = packed_tokens(enc["attention_mask"], ctx)
     with torch.inference_mode():
-        return eng._forward_ctx(enc, BatchContext(enc["input_ids"].shape[0], groups, probes), strict=True).float()
+        return eng._forward_ctx(enc, ctx, strict=True).float()
 
 
 def _culprit(eng: MultiTenantEngine, e: BaseException) -> nn.Module | None:
