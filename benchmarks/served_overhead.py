@@ -365,7 +365,7 @@ async def closed_loop(url: str, names: list[str], weights: list[float], texts: l
 
         await asyncio.gather(*(one(i) for i in range(clients)))
     return {"ok": ok, "errors": sum(errors.values()), "error_kinds": errors, "rps": round(ok / duration_s, 1),
-            "p50_ms": _pct(lat, 0.5), "p99_ms": _pct(lat, 0.99)}
+            "p50_ms": _pct(lat, 0.5), "p99_ms": _pct(lat, 0.99), "latencies": lat}
 
 
 async def open_loop_point(url: str, names, weights, texts, *, rate: float, duration_s: float, seed: int) -> dict:
@@ -431,12 +431,75 @@ def tenant_sets(names: list[str], quick: bool) -> list[tuple[int, str]]:
     return [(1, "uniform"), (16, "uniform"), (16, "zipf"), (64, "uniform"), (64, "zipf")]
 
 
+def measure_slice(srv: "Server", url: str, system: str, names: list[str], law: str, load, texts: list[str],
+                  args, seed: int) -> dict:
+    """One server under one load for ``args.duration`` seconds: the client's figures, the CPU
+    seconds of the server's processes and the load generator, the replica's timing sums."""
+    from benchmarks.loadgen import popularity_weights
+
+    weights = popularity_weights(len(names), law if law != "-" else "uniform")
+    times0 = replica_times(url) if system.startswith("bitdelta") else None
+    cpu0, own0 = srv.cpu(), time.process_time()
+    if load == "open":
+        res = asyncio.run(open_loop_point(url, names, weights, texts, rate=args.open_rate, duration_s=args.duration,
+                                          seed=seed))
+        res["load"], res["busy_s"] = f"open {args.open_rate:g}/s x1", args.duration
+    else:
+        c, n = load
+        res = asyncio.run(closed_loop(url, names, weights, texts, clients=c, sentences=n, warmup_s=args.warmup,
+                                      duration_s=args.duration, seed=seed))
+        res["load"], res["busy_s"] = f"C={c} x{n}", args.duration + args.warmup
+    cpu1, own1 = srv.cpu(), time.process_time()
+    res["duration_s"] = args.duration
+    res["cpu"] = {g: cpu1.get(g, 0.0) - cpu0.get(g, 0.0) for g in cpu1 if g in _own_groups(system)}
+    res["loadgen_cpu"] = own1 - own0
+    if times0 is not None:
+        t1 = replica_times(url)
+        res["times"] = {k: t1.get(k, 0.0) - times0.get(k, 0.0) for k in t1}
+    return res
+
+
+def merge_slices(system: str, tenants: str, slices: list[dict]) -> dict:
+    """One row from a server's slices under one load: answers and time summed, latencies pooled
+    (closed loop), the rate of every slice kept (``rounds_rps``) for paired ratios."""
+    duration = sum(s["duration_s"] for s in slices)
+    ok = sum(s["ok"] for s in slices)
+    lat = [x for s in slices for x in s.get("latencies", [])]
+    errors: dict[str, int] = {}
+    for s in slices:
+        for k, v in s["error_kinds"].items():
+            errors[k] = errors.get(k, 0) + v
+    row = {"load": slices[0]["load"], "system": system, "tenants": tenants, "ok": ok,
+           "errors": sum(s["errors"] for s in slices), "error_kinds": errors, "rps": round(ok / duration, 1),
+           "rounds_rps": [s["rps"] for s in slices]}
+    if lat:
+        row["p50_ms"], row["p99_ms"] = _pct(lat, 0.5), _pct(lat, 0.99)
+    else:  # open loop: one slice, the generator's own percentiles
+        row["p50_ms"], row["p99_ms"] = slices[0]["p50_ms"], slices[0]["p99_ms"]
+    # CPU over the slices (warm-ups included) per request answered in them, scaled likewise
+    answered = max(1.0, sum(s["rps"] * s["busy_s"] for s in slices))
+    cpu: dict[str, float] = {}
+    for s in slices:
+        for g, v in s["cpu"].items():
+            cpu[g] = cpu.get(g, 0.0) + v
+    row["cpu_ms_per_req"] = round(sum(cpu.values()) / answered * 1000, 2)
+    row["cpu_ms_per_req_by"] = {g: round(v / answered * 1000, 2) for g, v in cpu.items()}
+    row["loadgen_cpu_ms_per_req"] = round(sum(s["loadgen_cpu"] for s in slices) / answered * 1000, 2)
+    if "times" in slices[0]:
+        total: dict[str, float] = {}
+        for s in slices:
+            for k, v in s["times"].items():
+                total[k] = total.get(k, 0.0) + v
+        row["replica"] = breakdown({}, total)
+    return row
+
+
 # =============================================================================================
 # report
 # =============================================================================================
 def markdown(rows: list[dict], meta: dict) -> str:
     md = [f"MiniLM-L6 fp32, {meta['machine']}; torch threads per server: {meta['threads']}; closed loop "
-          f"{meta['duration']} s per point after {meta['warmup']} s warm-up; open loop {meta['open_rate']} req/s "
+          f"{meta.get('rounds', 1)} round(s) of {meta['duration']} s per server after {meta['warmup']} s warm-up; open loop {meta['open_rate']} req/s "
           f"Poisson for {meta['duration']} s. Servers on 127.0.0.1, all up at once, points interleaved. "
           "CPU ms/req: CPU time of the server's own processes (and of the load generator) per answered request.", "",
           "| load | system | tenants | req/s | p50 ms | p99 ms | errors | server CPU ms/req | by process | loadgen CPU ms/req |",
@@ -457,15 +520,21 @@ def markdown(rows: list[dict], meta: dict) -> str:
             md.append(f"| {r['load']} | {LABELS[r['system']]} | {r['tenants']} | {r['p50_ms']} | {b['in_replica_ms']} | "
                       f"{b['forward_ms']} | {b['queue_ms']} | {b['rows_per_forward']} |")
     md += ["", "Ratios (same run): this service with 16 Zipf tenants against the dense-model servers, one sentence "
-           "per request:", "", "| load | (c) ÷ best of (b), (b') | (c') ÷ best of (b), (b') | (c) ÷ (a) | (c') ÷ (a) | "
-           "p50 (c) ÷ (a) | p50 (c') ÷ (a) |", "|---|---|---|---|---|---|---|"]
+           "per request. Per round: the same ratio within each round of the closed loop (every server measured "
+           "once per round, in turn).", "",
+           "| load | (c) ÷ best of (b), (b') | (c') ÷ best of (b), (b') | (c') ÷ best of (b), (b') per round | "
+           "(c) ÷ (a) | (c') ÷ (a) | p50 (c) ÷ (a) | p50 (c') ÷ (a) |", "|---|---|---|---|---|---|---|---|"]
     for load, v in summary(rows).items():
-        md.append(f"| {load} | {v.get('c/b')} | {v.get('c_di/b')} | {v.get('c/a')} | {v.get('c_di/a')} | "
+        per = " / ".join(str(x) for x in v.get("c_di/b rounds", [])) or "-"
+        md.append(f"| {load} | {v.get('c/b')} | {v.get('c_di/b')} | {per} | {v.get('c/a')} | {v.get('c_di/a')} | "
                   f"{v.get('p50 c/a')} | {v.get('p50 c_di/a')} |")
     return "\n".join(md) + "\n"
 
 
 def summary(rows: list[dict], tenants: str = "16 zipf") -> dict[str, dict]:
+    """Per one-sentence load: the service (16 Zipf tenants) over the best dense Ray Serve app and
+    over the plain server, from the whole run (``c/b`` ...) and round by round (``c/b rounds``:
+    each round's servers were measured minutes apart at most, so their ratio is paired)."""
     out: dict[str, dict] = {}
     loads = sorted({r["load"] for r in rows if r["load"].endswith("x1")}, key=lambda s: (len(s), s))
     for load in loads:
@@ -473,13 +542,18 @@ def summary(rows: list[dict], tenants: str = "16 zipf") -> dict[str, dict]:
         if not all(k in by for k in ("plain", "ray")):
             continue
         best_b = max(by["ray"]["rps"], by.get("ray-di", {"rps": 0})["rps"]) or float("nan")
-        v: dict[str, float] = {}
+        v: dict[str, Any] = {}
         for key, sys_ in (("c", "bitdelta"), ("c_di", "bitdelta-di")):
             if sys_ in by:
                 v[f"{key}/b"] = round(by[sys_]["rps"] / best_b, 2)
                 v[f"{key}/a"] = round(by[sys_]["rps"] / by["plain"]["rps"], 2) if by["plain"]["rps"] else None
                 if by[sys_]["p50_ms"] and by["plain"]["p50_ms"]:
                     v[f"p50 {key}/a"] = round(by[sys_]["p50_ms"] / by["plain"]["p50_ms"], 2)
+                rounds = zip(by[sys_].get("rounds_rps", []), by["ray"].get("rounds_rps", []),
+                             by.get("ray-di", {}).get("rounds_rps", []) or [0.0] * len(by["ray"].get("rounds_rps", [])))
+                per = [round(c / max(b, bd), 2) for c, b, bd in rounds if max(b, bd) > 0]
+                if len(per) > 1:
+                    v[f"{key}/b rounds"] = per
         out[load] = v
     return out
 
@@ -518,7 +592,9 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run: few short points")
     p.add_argument("--duration", type=float, default=8.0, help="measured seconds per point")
-    p.add_argument("--warmup", type=float, default=1.5, help="unmeasured seconds before each point")
+    p.add_argument("--warmup", type=float, default=1.5, help="unmeasured seconds before each slice")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="closed loop: every server measured this many times per load, in turn (--duration each)")
     p.add_argument("--threads", type=int, default=2, help="torch threads in every server")
     p.add_argument("--open-rate", type=float, default=40.0, help="open-loop point: Poisson req/s")
     p.add_argument("--tenants", type=int, default=64, help="fine-tunes registered in the service")
@@ -548,10 +624,12 @@ def main(argv=None) -> dict:
         run_ray(args)
         return {}
 
-    from benchmarks.loadgen import popularity_weights, sample_texts
+    from benchmarks.loadgen import sample_texts
 
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.quick:
-        args.duration, args.warmup = min(args.duration, 3.0), min(args.warmup, 1.0)
+        args.duration, args.warmup, args.rounds = min(args.duration, 3.0), min(args.warmup, 1.0), 1
         args.tenants = min(args.tenants, 16)
     cache = RESULTS / "cache"
     cache.mkdir(parents=True, exist_ok=True)
@@ -583,47 +661,35 @@ def main(argv=None) -> dict:
         loads = args.loads or [(c, n) for n in (1, 8) for c in (1, 8, 32)]
         if args.quick:
             loads = [(1, 1), (8, 1)]
-        rows: list[dict] = []
         sets = args.sets or tenant_sets(prep["names"], args.quick)
+        points = [(system, T, law) for system in SYSTEMS if system in urls
+                  for T, law in (sets if system.startswith("bitdelta") else [(1, "-")])]
+        rows: list[dict] = []
         seed = 0
         for load in loads + ([] if args.no_open else ["open"]):
-            for system in [s for s in SYSTEMS if s in urls]:
-                for T, law in (sets if system.startswith("bitdelta") else [(1, "-")]):
-                    names = prep["names"][:T]
-                    weights = popularity_weights(T, law if law != "-" else "uniform")
-                    srv = owner[system]
-                    times0 = replica_times(urls[system]) if system.startswith("bitdelta") else None
-                    cpu0, own0 = srv.cpu(), time.process_time()
+            # closed loop: every server once per round, in turn, so each round's figures are taken
+            # minutes apart at most and compare servers under the same machine conditions
+            rounds = 1 if load == "open" else args.rounds
+            slices: dict[tuple, list[dict]] = {pt: [] for pt in points}
+            for rnd in range(rounds):
+                for system, T, law in points:
                     seed += 1
-                    if load == "open":
-                        res = asyncio.run(open_loop_point(urls[system], names, weights, texts, rate=args.open_rate,
-                                                          duration_s=args.duration, seed=seed))
-                        label = f"open {args.open_rate:g}/s x1"
-                        busy_s = args.duration
-                    else:
-                        c, n = load
-                        res = asyncio.run(closed_loop(urls[system], names, weights, texts, clients=c, sentences=n,
-                                                      warmup_s=args.warmup, duration_s=args.duration, seed=seed))
-                        label = f"C={c} x{n}"
-                        busy_s = args.duration + args.warmup
-                    cpu1, own1 = srv.cpu(), time.process_time()
-                    if times0 is not None:
-                        res["replica"] = breakdown(times0, replica_times(urls[system]))
-                    # CPU over the whole point (warm-up included) per request answered in it, scaled
-                    answered = max(1.0, res["rps"] * busy_s)
-                    own = {g: (cpu1.get(g, 0.0) - cpu0.get(g, 0.0)) for g in cpu1 if g in _own_groups(system)}
-                    row = {"load": label, "system": system, "tenants": "-" if law == "-" else f"{T} {law}", **res,
-                           "cpu_ms_per_req": round(sum(own.values()) / answered * 1000, 2),
-                           "cpu_ms_per_req_by": {g: round(v / answered * 1000, 2) for g, v in own.items()},
-                           "loadgen_cpu_ms_per_req": round((own1 - own0) / answered * 1000, 2)}
-                    rows.append(row)
-                    log.info("%-10s %-12s %-10s %6.1f req/s p50 %s p99 %s ms, cpu %.1f ms/req, errors %d", label,
-                             system, row["tenants"], row["rps"], row["p50_ms"], row["p99_ms"], row["cpu_ms_per_req"],
-                             row["errors"])
+                    sl = measure_slice(owner[system], urls[system], system, prep["names"][:T], law, load, texts,
+                                       args, seed)
+                    slices[(system, T, law)].append(sl)
+                    log.info("%-10s %-12s %-10s round %d/%d: %6.1f req/s p50 %s ms", sl["load"], system,
+                             "-" if law == "-" else f"{T} {law}", rnd + 1, rounds, sl["rps"], sl["p50_ms"])
+            for (system, T, law), sls in slices.items():
+                row = merge_slices(system, "-" if law == "-" else f"{T} {law}", sls)
+                rows.append(row)
+                log.info("%-10s %-12s %-10s %6.1f req/s p50 %s p99 %s ms, cpu %.1f ms/req, errors %d", row["load"],
+                         system, row["tenants"], row["rps"], row["p50_ms"], row["p99_ms"], row["cpu_ms_per_req"],
+                         row["errors"])
     finally:
         for s in servers:
             s.stop()
     meta = {"machine": f"{os.cpu_count()} CPU cores", "threads": args.threads, "duration": args.duration,
+            "rounds": args.rounds,
             "warmup": args.warmup, "open_rate": args.open_rate, "registered_tenants": args.tenants,
             "quick": args.quick}
     name = args.out or ("served_overhead_quick" if args.quick else "served_overhead")

@@ -30,7 +30,7 @@ from .errors import EngineError
 
 logger = logging.getLogger(__name__)
 
-KERNEL_VERSION = 2  # bump when csrc/signed_linear.cpp changes meaningfully (new cache entry)
+KERNEL_VERSION = 3  # bump when csrc/signed_linear.cpp changes meaningfully (new cache entry)
 _SOURCE = Path(__file__).parent / "csrc" / "signed_linear.cpp"
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "module": ModuleType | None, "error": str
@@ -103,8 +103,17 @@ def _build() -> tuple[ModuleType | None, str]:
 
 
 # groups of at most this many rows (tokens) run the register-blocked small-group kernel instead
-# of one GEMM call per tile (Linear layers, GCC/Clang builds); 0 turns that path off
-SMALL_ROWS = 128
+# of one GEMM call per tile (Linear layers, GCC/Clang builds); 0 turns that path off. Measured on
+# the 2-core benchmark machine (MiniLM's layer shapes, one thread): as fast as or faster than a
+# GEMM per tile from 1 to 1,024 rows, 3-20 % slower at 2,048 (the engine gives the kernel groups
+# of fewer than FUSED_MAX_TOKENS = 1,024 tokens in mixed batches)
+SMALL_ROWS = 1024
+# base rows of a tile that every small group reads before the next ones: a quarter of a core's
+# L2 (1 MB on the 2-core benchmark machine), leaving room for a group's rows of x. A whole tile
+# of a large layer (MiniLM's 1536 x 384 is 2.4 MB) does not fit, and each group would read it
+# again from the last-level cache; 256 KB beat 512 KB and whole tiles by 3-10 % on MiniLM's
+# shapes with 3-8 groups of 25-75 rows
+SMALL_CHUNK_BYTES = 256 << 10
 
 TILE_BYTES = 5 << 19  # 2.5 MB: a merged tile stays in the last-level cache
 
@@ -159,5 +168,5 @@ def signed_linear_groups(mod: ModuleType, x: torch.Tensor, out: torch.Tensor, we
         [g[2].contiguous() for g in groups], [g[3].contiguous() for g in groups],
         [no_index if g[4] is None else g[4] for g in groups],
         [empty if g[5] is None else g[5] for g in groups],
-        tile, transposed, SMALL_ROWS,
+        tile, transposed, SMALL_ROWS, SMALL_CHUNK_BYTES,
     )

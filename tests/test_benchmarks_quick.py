@@ -104,6 +104,30 @@ def test_served_overhead_quick(tmp_path, monkeypatch):
     assert all(r["cpu_ms_per_req"] > 0 for r in s["rows"])
 
 
+def test_served_overhead_rounds_pair_ratios():
+    """Slices of one server sum into one row (rate over the measured time, latencies pooled),
+    and the summary's per-round ratio divides each round's service rate by the best dense rate
+    of the same round."""
+    from benchmarks import served_overhead
+
+    def sl(rps, lat, cpu=1.0):
+        return {"load": "C=8 x1", "ok": int(rps * 2), "errors": 0, "error_kinds": {}, "rps": rps, "p50_ms": None,
+                "p99_ms": None, "latencies": lat, "duration_s": 2.0, "busy_s": 2.0, "cpu": {"replica": cpu},
+                "loadgen_cpu": 0.1}
+
+    rates = {"plain": [50, 70], "ray": [30, 40], "ray-di": [40, 35], "bitdelta-di": [44, 38]}
+    rows = [served_overhead.merge_slices(system, "-" if system in ("plain", "ray", "ray-di") else "16 zipf",
+                                         [sl(r, [0.01 * (i + 1)] * 3) for i, r in enumerate(rs)])
+            for system, rs in rates.items()]
+    c = rows[-1]
+    assert c["rps"] == 41.0 and c["ok"] == 164 and c["rounds_rps"] == [44, 38]
+    assert c["p50_ms"] == 10.0 and c["p99_ms"] == 20.0  # pooled: three 10 ms and three 20 ms answers
+    assert c["cpu_ms_per_req"] == round(2.0 / (44 * 2 + 38 * 2) * 1000, 2)
+    v = served_overhead.summary(rows)["C=8 x1"]
+    assert v["c_di/b rounds"] == [round(44 / 40, 2), round(38 / 40, 2)]  # best of (b), (b') per round
+    assert v["c_di/b"] == round(41.0 / max(35.0, 37.5), 2)  # whole run: the best dense app's mean rate
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not SERVED, reason="served smoke runs skipped (BITDELTA_BENCH_SERVED=0)")
 def test_scale_quick(tmp_path, monkeypatch):

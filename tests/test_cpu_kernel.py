@@ -30,16 +30,23 @@ def _tenant(N, K, g, unchanged=()):
     return code, code.kept_scales(), code.kept_rows()
 
 
-@pytest.mark.parametrize("small_rows", [0, 8, 1000], ids=["gemm", "both", "register-blocked"])
+@pytest.mark.parametrize("small_rows,chunk_rows", [(0, None), (8, None), (8, 4), (1000, None), (1000, 8)],
+                         ids=["gemm", "both", "both-chunked", "register-blocked", "register-blocked-chunked"])
 @pytest.mark.parametrize("transposed", [False, True], ids=["linear", "conv1d"])
 @pytest.mark.parametrize("N,K", [(40, 24), (304, 64), (8, 8), (21, 16)])
-def test_fused_groups_equal_merged_weights(mod, N, K, transposed, small_rows, monkeypatch):
+def test_fused_groups_equal_merged_weights(mod, N, K, transposed, small_rows, chunk_rows, monkeypatch):
     """Groups up to ``small_rows`` rows run the register-blocked kernel (Linear layout), the
     others one GEMM per tile; every row count modulo the register block and every output
-    tail (N % 4) occurs."""
+    tail (N % 4) occurs. ``chunk_rows``: the base rows the small groups share at a time (the
+    default: all of a tile at these sizes), so that chunk boundaries, a short last chunk and
+    row-masked tenants' stored rows across chunks are covered."""
     if transposed and N % 8:
         pytest.skip("Conv1D needs out_features % 8 == 0")
+    if transposed and chunk_rows:
+        pytest.skip("the register-blocked path is Linear-only")
     monkeypatch.setattr(cpu_kernel, "SMALL_ROWS", small_rows)
+    if chunk_rows:
+        monkeypatch.setattr(cpu_kernel, "SMALL_CHUNK_BYTES", chunk_rows * 4 * K)
     g = torch.Generator().manual_seed(N + K)
     R, C = (K, N) if transposed else (N, K)  # the weight's (and the signs') rows and columns
     W = torch.randn(R, C, generator=g)
