@@ -64,9 +64,10 @@ def _free_port() -> int:
 # the dense-model servers (a) and (b): the same model, schema and batcher as the service
 # =============================================================================================
 class DenseWorker:
-    """One dense fine-tuned model behind :class:`serve.batching.MicroBatcher` (continuous, no wait)."""
+    """One dense fine-tuned model behind :class:`serve.batching.MicroBatcher` (continuous; no
+    wait unless ``refill_s``, the service's refill hold, is given)."""
 
-    def __init__(self, model_dir: str, threads: int, max_length: int = 128):
+    def __init__(self, model_dir: str, threads: int, max_length: int = 128, refill_s: float = 0.0):
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -77,7 +78,8 @@ class DenseWorker:
         self.model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
         self.id2label = self.model.config.id2label
         self.max_length = max_length
-        self.batcher = MicroBatcher(self._forward, encode=self._encode, max_batch_size=32, max_batch_tokens=16384)
+        self.batcher = MicroBatcher(self._forward, encode=self._encode, max_batch_size=32, max_batch_tokens=16384,
+                                    refill_wait_s=refill_s)
 
     def _encode(self, items) -> None:
         enc = self.tok([x for it in items for x in it.inputs], truncation=True, max_length=self.max_length)
@@ -131,12 +133,12 @@ def run_plain(args) -> None:
     import uvicorn
 
     app, state = dense_fastapi()
-    state["worker"] = DenseWorker(args.model, args.threads)
+    state["worker"] = DenseWorker(args.model, args.threads, refill_s=args.dense_refill_ms / 1000)
     _ready({"plain": f"http://127.0.0.1:{args.port}"})
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
 
 
-def dense_ray_app(model_dir: str, threads: int):
+def dense_ray_app(model_dir: str, threads: int, refill_s: float = 0.0):
     from ray import serve
 
     from fastapi.responses import JSONResponse
@@ -147,7 +149,7 @@ def dense_ray_app(model_dir: str, threads: int):
     @serve.ingress(app)
     class DenseModel:
         def __init__(self):
-            self.worker = DenseWorker(model_dir, threads)
+            self.worker = DenseWorker(model_dir, threads, refill_s=refill_s)
 
         @app.post("/v1/classify")
         async def classify(self, req: ClassifyRequest):
@@ -169,9 +171,10 @@ def run_ray(args) -> None:
              runtime_env={"env_vars": worker_env()})
     serve.start(http_options={"host": "127.0.0.1", "port": args.port},
                 logging_config={"log_level": "WARNING", "enable_access_log": False})
-    serve.run(dense_ray_app(args.model, args.threads), name="dense", route_prefix=DENSE_PREFIX, blocking=False)
+    serve.run(dense_ray_app(args.model, args.threads, args.dense_refill_ms / 1000), name="dense", route_prefix=DENSE_PREFIX, blocking=False)
     cfg = ServeConfig(base=args.base, store=args.store, admin_token=ADMIN, torch_threads=args.threads,
-                      max_batch_size=32, max_length=128, replica_num_cpus=0.5, port=args.port)
+                      max_batch_size=32, max_length=128, replica_num_cpus=0.5, port=args.port,
+                      **({} if args.refill_ms is None else {"refill_wait_ms": args.refill_ms}))
     serve.run(build_app(cfg.to_args()), name="bitdelta", route_prefix="/", blocking=False)
     proxy = f"http://127.0.0.1:{args.port}"
     urls = _wait_up({"ray": proxy + DENSE_PREFIX, "bitdelta": proxy})
@@ -499,8 +502,10 @@ def merge_slices(system: str, tenants: str, slices: list[dict]) -> dict:
 # =============================================================================================
 def markdown(rows: list[dict], meta: dict) -> str:
     md = [f"MiniLM-L6 fp32, {meta['machine']}; torch threads per server: {meta['threads']}; closed loop "
-          f"{meta.get('rounds', 1)} round(s) of {meta['duration']} s per server after {meta['warmup']} s warm-up; open loop {meta['open_rate']} req/s "
-          f"Poisson for {meta['duration']} s. Servers on 127.0.0.1, all up at once, points interleaved. "
+          f"{meta.get('rounds', 1)} round(s) of {meta['duration']} s per server after {meta['warmup']} s warm-up; "
+          f"open loop {meta['open_rate']} req/s Poisson for {meta['duration']} s. Servers on 127.0.0.1, all up at "
+          "once, points interleaved. Batcher refill hold: the service "
+          f"{meta.get('service_refill_ms', 0)} ms, the dense servers {meta.get('dense_refill_ms', 0)} ms. "
           "CPU ms/req: CPU time of the server's own processes (and of the load generator) per answered request.", "",
           "| load | system | tenants | req/s | p50 ms | p99 ms | errors | server CPU ms/req | by process | loadgen CPU ms/req |",
           "|---|---|---|---|---|---|---|---|---|---|"]
@@ -604,6 +609,11 @@ def main(argv=None) -> dict:
     p.add_argument("--sets", nargs="+", type=_tenant_set, metavar="T:LAW",
                    help="the service's tenant mixes, e.g. 16:zipf 1:uniform (default: 1, 16, 64 tenants, uniform and Zipf)")
     p.add_argument("--no-open", action="store_true", help="skip the open-loop point")
+    p.add_argument("--refill-ms", type=float, default=None,
+                   help="the service's refill_wait_ms (default: the service's default)")
+    p.add_argument("--dense-refill-ms", type=float, default=0.0,
+                   help="the same refill hold in the dense servers' batcher (default 0: a forward starts the moment "
+                        "the model is free, as the baselines are defined)")
     # server roles (internal: the orchestrator starts these as subprocesses)
     p.add_argument("--role", choices=["plain", "ray"], help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -636,7 +646,8 @@ def main(argv=None) -> dict:
     prep = prepare(cache, args.tenants)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
-    common = ["--model", prep["dense"], "--base", prep["base"], "--store", prep["store"], "--threads", str(args.threads)]
+    common = ["--model", prep["dense"], "--base", prep["base"], "--store", prep["store"], "--threads", str(args.threads),
+              "--dense-refill-ms", str(args.dense_refill_ms)] + ([] if args.refill_ms is None else ["--refill-ms", str(args.refill_ms)])
     servers: list[Server] = []
     urls: dict[str, str] = {}
     owner: dict[str, Server] = {}
@@ -688,8 +699,12 @@ def main(argv=None) -> dict:
     finally:
         for s in servers:
             s.stop()
+    from serve.config import ServeConfig
+
     meta = {"machine": f"{os.cpu_count()} CPU cores", "threads": args.threads, "duration": args.duration,
             "rounds": args.rounds,
+            "service_refill_ms": ServeConfig.model_fields["refill_wait_ms"].default if args.refill_ms is None
+            else args.refill_ms, "dense_refill_ms": args.dense_refill_ms,
             "warmup": args.warmup, "open_rate": args.open_rate, "registered_tenants": args.tenants,
             "quick": args.quick}
     name = args.out or ("served_overhead_quick" if args.quick else "served_overhead")

@@ -87,7 +87,7 @@ class Replica:
         self.refresh_gauges()
         self.batcher = MicroBatcher(self._forward, encode=self._encode, max_batch_size=cfg.max_batch_size,
                                     max_batch_tokens=cfg.max_batch_tokens, max_wait_s=cfg.max_wait_ms / 1000.0,
-                                    on_batch=self._on_batch)
+                                    refill_wait_s=cfg.refill_wait_ms / 1000.0, on_batch=self._on_batch)
         logger.info("replica %s ready in %.1f s with %d models (torch threads %d)", self.replica_id,
                     time.perf_counter() - t0, len(self.reconciler.loaded), torch.get_num_threads())
 

@@ -191,3 +191,59 @@ def test_items_over_the_token_budget_are_carried_over_in_order_after_encoding():
     assert out == [["FIRST"]] + [[f"T{i}"] for i in range(7)]
     assert [x for batch in rec.batches for x in batch] == ["m:first"] + [f"m:t{i}" for i in range(7)]
     assert all(len(batch) <= 3 for batch in rec.batches)
+
+
+def _closed_loop(b, clients: int, requests: int, think_s: float, late: set[int], late_s: float):
+    """``clients`` loops of ``requests`` requests each, the next one ``think_s`` after an answer;
+    clients in ``late`` start ``late_s`` late (during the first forward)."""
+    async def client(c):
+        if c in late:
+            await asyncio.sleep(late_s)
+        for k in range(requests):
+            await b.submit(_item("m", f"c{c}r{k}"))
+            await asyncio.sleep(think_s)
+
+    async def go():
+        await asyncio.gather(*(client(c) for c in range(clients)))
+
+    _run(go())
+
+
+@pytest.mark.parametrize("refill_s", [0.0, 0.15], ids=["no-refill", "refill"])
+def test_refill_keeps_batches_whole_under_a_closed_loop(refill_s):
+    """Eight clients that answer within a few ms, half of them one forward late: without the
+    refill hold the two halves alternate in batches of 4 for good; with it the answered clients
+    are waited for and every later batch holds all eight."""
+    rec = Recorder(delay=0.05)
+    b = MicroBatcher(rec, max_batch_size=64, max_batch_tokens=10_000, refill_wait_s=refill_s)
+    _closed_loop(b, clients=8, requests=5, think_s=0.005, late={4, 5, 6, 7}, late_s=0.02)
+    sizes = [len(x) for x in rec.batches]
+    assert sum(sizes) == 40
+    if refill_s:
+        assert sizes[:2] == [4, 8] and set(sizes[1:-1]) == {8}, sizes  # the last round may be short
+    else:
+        assert max(sizes) == 4 and len(sizes) == 10, sizes
+
+
+def test_refill_hold_is_bounded_and_a_late_client_runs_at_once():
+    """A batch of two whose clients do not both come back: the next round waits at most the
+    refill time; a request that reaches an idle engine after that runs at once."""
+    import time
+
+    rec = Recorder(delay=0.01)
+    b = MicroBatcher(rec, max_batch_size=64, max_batch_tokens=10_000, refill_wait_s=0.2)
+
+    async def go():
+        await asyncio.gather(b.submit(_item("m", "a")), b.submit(_item("m", "b")))  # one batch of two
+        t0 = time.perf_counter()
+        await b.submit(_item("m", "c"))  # only one client comes back: held for the second, <= 0.2 s
+        held = time.perf_counter() - t0
+        await asyncio.sleep(0.3)  # past the refill time: an idle engine
+        t0 = time.perf_counter()
+        await b.submit(_item("m", "d"))
+        return held, time.perf_counter() - t0
+
+    held, alone = _run(go())
+    assert rec.batches == [["m:a", "m:b"], ["m:c"], ["m:d"]]
+    assert 0.1 < held < 0.2 + 0.15, held  # waited (most of) the refill time, not more
+    assert alone < 0.1, alone
