@@ -13,9 +13,10 @@ under steady load (``refill_wait_s``): the clients a batch has just answered oft
 request within a few milliseconds, and a round that starts without them splits the load into
 two half batches that alternate from then on (at 8 clients, forwards of 4 rows: a small batch
 costs much more per row than a full one on a CPU). So after a batch of R requests, the next
-round waits, until at most ``refill_wait_s`` after that batch ended, for as many requests as
-were queued then plus R; a round whose first request comes later than that starts at once, so
-a lone client never waits. An optional ``max_wait_s`` holds any batch that is not full open
+round waits for as many requests as were queued then plus R, until at most ``refill_wait_s``
+or half that batch's run time (whichever is shorter: a fast forward waits little) after the
+batch ended; a round whose first request comes later than that starts at once, so a lone
+client never waits. An optional ``max_wait_s`` holds any batch that is not full open
 for more requests; it only pays when requests arrive in bursts shorter than one forward.
 
 Tokenization is batched too: requests queue with their raw inputs, and the worker tokenizes
@@ -70,6 +71,9 @@ class BatchStats:
 
 
 Encoder = Callable[[list[BatchItem]], None]
+
+# the refill hold after a batch is at most this share of that batch's run time
+REFILL_SHARE = 0.5
 
 
 class MicroBatcher:
@@ -198,7 +202,8 @@ class MicroBatcher:
             run_s = end - t0
             self._carry.extendleft(reversed(rest))
             if self.refill_wait_s > 0 and done:
-                self._refill = (end + self.refill_wait_s, len(self._carry) + self._queue.qsize() + len(done))
+                hold = min(self.refill_wait_s, REFILL_SHARE * run_s)
+                self._refill = (end + hold, len(self._carry) + self._queue.qsize() + len(done))
             for item, res in zip(done, results):
                 if item.future.done():
                     continue

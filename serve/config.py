@@ -50,11 +50,11 @@ class ServeConfig(BaseModel):
                                             "batch starts the moment the engine is free (requests that arrive "
                                             "during a forward form the next batch)")
     refill_wait_ms: float = Field(
-        5.0, ge=0.0, le=1000.0, description="after a batch, how long the next one may wait for the clients it "
-                                            "answered to send again (as many requests as were queued plus as "
-                                            "many as it answered): keeps batches whole under steady load; a "
-                                            "request that reaches an idle engine later than this runs at once; "
-                                            "0 = off")
+        20.0, ge=0.0, le=1000.0, description="after a batch, how long the next one may wait for the clients it "
+                                             "answered to send again (as many requests as were queued plus as "
+                                             "many as it answered; at most half the batch's run time): keeps "
+                                             "batches whole under steady load; a request that reaches an idle "
+                                             "engine later than this runs at once; 0 = off")
     max_batch_tokens: int = Field(
         16384, ge=1, description="token budget per forward: rows x longest row (padded tokens); a single "
                                  "request larger than the budget still runs, alone")

@@ -230,20 +230,38 @@ def test_refill_hold_is_bounded_and_a_late_client_runs_at_once():
     refill time; a request that reaches an idle engine after that runs at once."""
     import time
 
-    rec = Recorder(delay=0.01)
-    b = MicroBatcher(rec, max_batch_size=64, max_batch_tokens=10_000, refill_wait_s=0.2)
+    rec = Recorder(delay=0.3)  # half a forward (0.15 s) is longer than the refill time: 0.1 s bounds the hold
+    b = MicroBatcher(rec, max_batch_size=64, max_batch_tokens=10_000, refill_wait_s=0.1)
 
     async def go():
         await asyncio.gather(b.submit(_item("m", "a")), b.submit(_item("m", "b")))  # one batch of two
         t0 = time.perf_counter()
-        await b.submit(_item("m", "c"))  # only one client comes back: held for the second, <= 0.2 s
-        held = time.perf_counter() - t0
-        await asyncio.sleep(0.3)  # past the refill time: an idle engine
+        await b.submit(_item("m", "c"))  # only one client comes back: held for the second, <= 0.1 s
+        held = time.perf_counter() - t0 - 0.3
+        await asyncio.sleep(0.2)  # past the refill time: an idle engine
         t0 = time.perf_counter()
         await b.submit(_item("m", "d"))
-        return held, time.perf_counter() - t0
+        return held, time.perf_counter() - t0 - 0.3
 
     held, alone = _run(go())
     assert rec.batches == [["m:a", "m:b"], ["m:c"], ["m:d"]]
-    assert 0.1 < held < 0.2 + 0.15, held  # waited (most of) the refill time, not more
-    assert alone < 0.1, alone
+    assert 0.05 < held < 0.1 + 0.1, held  # waited (most of) the refill time, not more
+    assert alone < 0.05, alone
+
+
+def test_refill_hold_is_at_most_half_a_forward():
+    """A fast forward holds the next round for at most half its run time, however long the
+    refill time allows."""
+    import time
+
+    rec = Recorder(delay=0.04)
+    b = MicroBatcher(rec, max_batch_size=64, max_batch_tokens=10_000, refill_wait_s=5.0)
+
+    async def go():
+        await asyncio.gather(b.submit(_item("m", "a")), b.submit(_item("m", "b")))
+        t0 = time.perf_counter()
+        await b.submit(_item("m", "c"))  # the second client never comes back
+        return time.perf_counter() - t0 - 0.04
+
+    held = _run(go())
+    assert held < 0.02 + 0.05, held
