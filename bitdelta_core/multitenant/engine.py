@@ -496,7 +496,6 @@ class MultiTenantEngine:
             start += len(rows)
         by_slot = {t.slot: t for t in tenants if t is not None}
         ctx = BatchContext(B, groups, by_slot)
-        single = len(order) == 1
         if perm != list(range(B)):
             ctx.perm = torch.tensor(perm, device=self.device)
         if self.stacked and self._triton is None and len(groups) >= 3:
@@ -510,11 +509,12 @@ class MultiTenantEngine:
             if s == BASE_SLOT or self._by_slot.get(s) is not by_slot[s]:
                 continue  # base rows, or a tenant removed/replaced since the request resolved it
             # with the fused kernel only large groups run on (cached) merged weights: one big GEMM
-            # per layer beats the kernel's tiles there, and small groups never need the cache
-            # a batch of one tenant alone runs on its merged weights too when the cache takes it:
-            # at a few tokens the fused kernel's per-call merge costs more than reading W_t
-            # (the Triton kernels never need merged weights)
-            large = self._triton is None and (self._kernel is None or single
+            # per layer beats the kernel's tiles there, and small groups never need the cache, a
+            # batch of one tenant alone included: the kernel's register-blocked path beats a GEMM
+            # on the merged weights at a few sentences (MiniLM-L6, one thread, 1-8 sentences of one
+            # tenant: 0.91-0.97x the forward on cached merged weights). The Triton kernels never
+            # need merged weights
+            large = self._triton is None and (self._kernel is None
                                               or (sum(row_tokens[i] for i in rows) if row_tokens is not None
                                                   else len(rows) * tokens_per_row) >= self.fused_max_tokens)
             if large and by_slot[s].merged_bytes and self._cache.admit(s, by_slot[s].merged_bytes, pinned):
