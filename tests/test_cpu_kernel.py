@@ -121,6 +121,29 @@ def test_engine_with_and_without_kernel_agree(mod, tiny, monkeypatch):
     assert calls and max(calls) == 1  # only "b" went through the kernel
 
 
+def test_one_tenant_batch_runs_fused_below_the_token_threshold(mod, tiny, monkeypatch):
+    """A batch of one tenant goes through the kernel (nothing merged, nothing cached) unless its
+    tokens reach ``fused_max_tokens``; then it runs on its cached merged weights. Both equal the
+    plain engine."""
+    base, arts = tiny
+    plain = MultiTenantEngine(base, cpu_kernel=False)
+    eng = MultiTenantEngine(base, cpu_kernel=True)
+    for e in (plain, eng):
+        e.register("a", arts["a"])
+    ids = torch.randint(4, VOCAB, (4, 9), generator=torch.Generator().manual_seed(1))
+    enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    calls = []
+    real = cpu_kernel.signed_linear_groups
+    monkeypatch.setattr(cpu_kernel, "signed_linear_groups", lambda *a, **k: calls.append(len(a[-1])) or real(*a, **k))
+    want = plain.forward(enc, "a")
+    torch.testing.assert_close(eng.forward(enc, "a"), want, atol=1e-5, rtol=0)
+    assert calls and eng.memory_report()["cache_bytes"] == 0  # 36 tokens < fused_max_tokens
+    calls.clear()
+    eng.fused_max_tokens = 36
+    torch.testing.assert_close(eng.forward(enc, "a"), want, atol=1e-5, rtol=0)
+    assert not calls and eng.memory_report()["tenants"]["a"]["cache"] > 0
+
+
 def test_engine_falls_back_when_the_kernel_is_unavailable(tiny, monkeypatch):
     base, arts = tiny
     monkeypatch.setattr(cpu_kernel, "_state", {"module": None, "error": "no compiler here"})
