@@ -15,6 +15,7 @@ Environment: ``BITDELTA_CPU_KERNEL=0`` turns it off (``1`` or unset: use it when
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -115,9 +116,14 @@ SMALL_ROWS = 1024
 # shapes with 3-8 groups of 25-75 rows
 SMALL_CHUNK_BYTES = 256 << 10
 
+# "no stored-row index" and "no bias" for the extension (it only reads their sizes)
+_NO_INDEX = torch.empty(0, dtype=torch.long)
+_NO_BIAS = torch.empty(0)
+
 TILE_BYTES = 5 << 19  # 2.5 MB: a merged tile stays in the last-level cache
 
 
+@functools.lru_cache(maxsize=256)
 def tile_size(n_out: int, n_in: int, threads: int) -> int:
     """Output features per tile: the fewest tiles, a multiple of the thread count, whose merged
     buffer (``tile × n_in`` floats) fits in :data:`TILE_BYTES`; a multiple of 8.
@@ -159,14 +165,13 @@ def signed_linear_groups(mod: ModuleType, x: torch.Tensor, out: torch.Tensor, we
     and the bias (``None`` = none). ``x`` and ``weight`` contiguous float32, ``out`` float32
     with contiguous rows; ``weight.shape[1] % 8 == 0``.
     """
-    empty, no_index = x.new_empty(0), torch.empty(0, dtype=torch.long)
     N = weight.shape[1 if transposed else 0]
     tile = tile_size(N, weight.numel() // N, torch.get_num_threads())
     mod.signed_linear_groups(
         x, out, weight,
         [g[0] for g in groups], [g[1] for g in groups],
         [g[2].contiguous() for g in groups], [g[3].contiguous() for g in groups],
-        [no_index if g[4] is None else g[4] for g in groups],
-        [empty if g[5] is None else g[5] for g in groups],
+        [_NO_INDEX if g[4] is None else g[4] for g in groups],
+        [_NO_BIAS if g[5] is None else g[5] for g in groups],
         tile, transposed, SMALL_ROWS, SMALL_CHUNK_BYTES,
     )

@@ -223,6 +223,7 @@ class LinearLayer(TenantLayer):
         self.fused = (rt.kernel is not None and w.dim() == 2 and w.shape[1] % 8 == 0
                       and w.dtype == torch.float32 and w.is_contiguous())
         self.width = w.shape[1 if self.conv else 0]
+        self._w = w.detach()  # the base weight as the kernel reads it (shares its storage)
         # every group of a batch in one Triton launch (CUDA), when the engine runs the kernels
         self._table = self._triton_table() if rt.triton is not None and w.dim() == 2 else None
 
@@ -265,7 +266,7 @@ class LinearLayer(TenantLayer):
                 K = x.shape[-1]
                 out = x.new_empty((*x.shape[:-1], self.width))
                 cpu_kernel_mod.signed_linear_groups(self._rt.kernel, x.reshape(-1, K).contiguous(),
-                                                    out.view(-1, self.width), self.base.weight.detach(),
+                                                    out.view(-1, self.width), self._w,
                                                     [(0, x.numel() // K, *f)], transposed=self.conv)
                 return out
         wd, bd = d.get("weight"), d.get("bias")
@@ -335,8 +336,8 @@ class LinearLayer(TenantLayer):
             else:
                 torch.addmm(b, x2[s:e], w, out=o2[s:e])
         if fused:
-            cpu_kernel_mod.signed_linear_groups(self._rt.kernel, x2.contiguous(), o2,
-                                                self.base.weight.detach(), fused, transposed=conv)
+            cpu_kernel_mod.signed_linear_groups(self._rt.kernel, x2.contiguous(), o2, self._w, fused,
+                                                transposed=conv)
         return out
 
     # -- Triton path (CUDA; bitdelta_core.triton_kernel) -----------------------------------
