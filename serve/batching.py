@@ -16,7 +16,10 @@ costs much more per row than a full one on a CPU). So after a batch of R request
 round waits for as many requests as were queued then plus R, until at most ``refill_wait_s``
 or half that batch's run time (whichever is shorter: a fast forward waits little) after the
 batch ended; a round whose first request comes later than that starts at once, so a lone
-client never waits. An optional ``max_wait_s`` holds any batch that is not full open
+client never waits. Holding only pays when the answered clients do come back (a closed loop):
+with open-loop traffic every hold runs to its deadline and delays the queue, so the batcher
+keeps a moving score of how often at least half of them came back during a hold, stops holding
+while that score is below one half, and tries again every ``REFILL_PROBE_EVERY``-th batch. An optional ``max_wait_s`` holds any batch that is not full open
 for more requests; it only pays when requests arrive in bursts shorter than one forward.
 
 Tokenization is batched too: requests queue with their raw inputs, and the worker tokenizes
@@ -74,6 +77,8 @@ Encoder = Callable[[list[BatchItem]], None]
 
 # the refill hold after a batch is at most this share of that batch's run time
 REFILL_SHARE = 0.5
+# while holds do not pay (the answered clients do not come back), one batch in this many holds
+REFILL_PROBE_EVERY = 16
 
 
 class MicroBatcher:
@@ -93,8 +98,11 @@ class MicroBatcher:
         self.max_batch_tokens = max_batch_tokens
         self.max_wait_s = max_wait_s
         self.refill_wait_s = refill_wait_s
-        # after a batch: (until when, how many requests) the next round waits for (refill_wait_s)
-        self._refill: tuple[float, int] | None = None
+        # after a batch: (until when, how many requests, how many it answered) the next round
+        # waits for (refill_wait_s); a moving score of holds that got half their clients back
+        self._refill: tuple[float, int, int] | None = None
+        self._refill_score = 1.0
+        self._since_hold = 0
         self.on_batch = on_batch
         self._queue: asyncio.Queue[BatchItem] | None = None
         self._carry: deque[BatchItem] = deque()
@@ -126,8 +134,13 @@ class MicroBatcher:
             except asyncio.QueueEmpty:
                 break
         if self._refill is not None:
-            await self._hold_for_refill(*self._refill)
+            deadline, want, answered = self._refill
             self._refill = None
+            if time.perf_counter() < deadline:  # else the engine went idle: nothing was held
+                await self._hold_for_refill(deadline, want)
+                back = len(self._carry) - (want - answered)  # requests beyond those queued at the end
+                hit = back >= max(1.0, answered / 2)
+                self._refill_score = 0.7 * self._refill_score + 0.3 * hit
         pending = [it for it in self._carry if not it.future.cancelled()]
         self._carry.clear()
         return pending
@@ -202,8 +215,12 @@ class MicroBatcher:
             run_s = end - t0
             self._carry.extendleft(reversed(rest))
             if self.refill_wait_s > 0 and done:
-                hold = min(self.refill_wait_s, REFILL_SHARE * run_s)
-                self._refill = (end + hold, len(self._carry) + self._queue.qsize() + len(done))
+                if self._refill_score >= 0.5 or self._since_hold >= REFILL_PROBE_EVERY:
+                    hold = min(self.refill_wait_s, REFILL_SHARE * run_s)
+                    self._refill = (end + hold, len(self._carry) + self._queue.qsize() + len(done), len(done))
+                    self._since_hold = 0
+                else:
+                    self._since_hold += 1
             for item, res in zip(done, results):
                 if item.future.done():
                     continue

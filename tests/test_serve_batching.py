@@ -265,3 +265,43 @@ def test_refill_hold_is_at_most_half_a_forward():
 
     held = _run(go())
     assert held < 0.02 + 0.05, held
+
+
+def test_refill_hold_stops_when_answered_clients_do_not_come_back():
+    """Open-loop traffic: every batch is followed by new requests that arrived during it, never
+    by the clients it answered. The first holds run to their deadline; after two misses the
+    batcher stops holding (the next round starts at once) until its next probe."""
+    import time
+
+    loop_box, marks, fired = {}, [], []
+
+    def run_batch(items):
+        marks.append(("start", time.perf_counter()))
+        if len(fired) < 12:  # four new requests arrive during every forward
+            fired.append(1)
+            loop_box["loop"].call_soon_threadsafe(lambda: [loop_box["spawn"](f"r{len(fired)}x{i}") for i in range(4)])
+        time.sleep(0.1)
+        marks.append(("end", time.perf_counter()))
+        return [[x.upper() for x in it.inputs] for it in items]
+
+    b = MicroBatcher(run_batch, max_batch_size=64, max_batch_tokens=10_000, refill_wait_s=0.2)  # hold <= 0.05 s
+
+    async def go():
+        loop_box["loop"] = asyncio.get_running_loop()
+        tasks = []
+        loop_box["spawn"] = lambda text: tasks.append(asyncio.ensure_future(b.submit(_item("m", text))))
+        await b.submit(_item("m", "first"))
+        for _ in range(200):  # bounded: until every spawned request is answered
+            await asyncio.sleep(0.05)
+            if len(fired) == 12 and tasks and all(t.done() for t in tasks):
+                break
+        return [t.result() for t in tasks]
+
+    out = _run(go())
+    assert len(out) == 48
+    starts = [t for k, t in marks if k == "start"]
+    ends = [t for k, t in marks if k == "end"]
+    gaps = [s - e for e, s in zip(ends, starts[1:])]
+    assert len(gaps) >= 10, gaps
+    assert all(g > 0.035 for g in gaps[:2]), gaps  # held to the deadline twice (nobody came back)
+    assert all(g < 0.03 for g in gaps[2:10]), gaps  # then no hold until the probe (every 16th batch)
