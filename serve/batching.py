@@ -127,7 +127,7 @@ class MicroBatcher:
         if not self._carry:
             self._carry.append(await self._queue.get())
             if self.max_wait_s > 0:
-                await self._hold_open()
+                await self._hold(time.perf_counter() + self.max_wait_s)
         while True:
             try:
                 self._carry.append(self._queue.get_nowait())
@@ -137,7 +137,7 @@ class MicroBatcher:
             deadline, want, answered = self._refill
             self._refill = None
             if time.perf_counter() < deadline:  # else the engine went idle: nothing was held
-                await self._hold_for_refill(deadline, want)
+                await self._hold(deadline, want)
                 back = len(self._carry) - (want - answered)  # requests beyond those queued at the end
                 hit = back >= max(1.0, answered / 2)
                 self._refill_score = 0.7 * self._refill_score + 0.3 * hit
@@ -145,24 +145,11 @@ class MicroBatcher:
         self._carry.clear()
         return pending
 
-    async def _hold_open(self) -> None:
-        deadline = time.perf_counter() + self.max_wait_s
+    async def _hold(self, deadline: float, want: int | None = None) -> None:
+        """Take queued requests until ``deadline``, the batch is full, or (``want``) that many
+        requests are held."""
         rows = sum(it.rows for it in self._carry)
-        while rows < self.max_batch_size:
-            remaining = deadline - time.perf_counter()
-            if remaining <= 0:
-                return
-            try:
-                item = await asyncio.wait_for(self._queue.get(), remaining)
-            except (asyncio.TimeoutError, TimeoutError):
-                return
-            self._carry.append(item)
-            rows += item.rows
-
-    async def _hold_for_refill(self, deadline: float, want: int) -> None:
-        """Wait until ``want`` requests are queued (or the batch is full) or ``deadline``."""
-        rows = sum(it.rows for it in self._carry)
-        while len(self._carry) < want and rows < self.max_batch_size:
+        while rows < self.max_batch_size and (want is None or len(self._carry) < want):
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 return
