@@ -19,8 +19,10 @@ batch ended; a round whose first request comes later than that starts at once, s
 client never waits. Holding only pays when the answered clients do come back (a closed loop):
 with open-loop traffic every hold runs to its deadline and delays the queue, so the batcher
 keeps a moving score of how often at least half of them came back during a hold, stops holding
-while that score is below one half, and tries again every ``REFILL_PROBE_EVERY``-th batch. An optional ``max_wait_s`` holds any batch that is not full open
-for more requests; it only pays when requests arrive in bursts shorter than one forward.
+while that score is below one half, and tries again every ``REFILL_PROBE_EVERY``-th batch.
+
+An optional ``max_wait_s`` holds any batch that is not full open for more requests; it only
+pays when requests arrive in bursts shorter than one forward.
 
 Tokenization is batched too: requests queue with their raw inputs, and the worker tokenizes
 every new request of a round in one call (``encode``), in the same worker thread as the forward,
