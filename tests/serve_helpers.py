@@ -4,6 +4,7 @@ real short fine-tunes, a local Ray Serve service on 127.0.0.1, bounded wait loop
 from __future__ import annotations
 
 import contextlib
+import random
 import re
 import socket
 import time
@@ -62,9 +63,20 @@ def texts(n: int, seed: int = 0, length: int = 6) -> list[str]:
 
 
 def free_port() -> int:
-    with contextlib.closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port on 127.0.0.1 between 20000 and 32000: outside the kernel's ephemeral range
+    (32768+ on Linux, 49152+ on macOS and Windows) and Ray's default worker ports (10002-19999).
+    A port that ``bind(0)`` hands out comes from the ephemeral range, and the processes Ray
+    starts before the service binds its port take ports from that range too."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
+        with contextlib.closing(socket.socket()) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port between 20000 and 32000 on 127.0.0.1")
 
 
 def reference_predictions(model, tokenizer, inputs, id2label) -> list[dict]:
