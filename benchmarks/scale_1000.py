@@ -28,7 +28,6 @@ import logging
 import os
 import random
 import shutil
-import socket
 import statistics
 import time
 from pathlib import Path
@@ -132,9 +131,7 @@ def main(argv=None) -> dict:
     from serve import run as serve_run
     from serve.config import ServeConfig
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = serve_run.free_local_port()
     cache = RESULTS / "cache"
     base_path = minilm_path(cache)
     t0 = time.perf_counter()

@@ -371,7 +371,6 @@ def main(argv=None) -> dict:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     import shutil
-    import socket
 
     from ray import serve
 
@@ -379,9 +378,7 @@ def main(argv=None) -> dict:
     from serve.config import ServeConfig
 
     if not args.port:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            args.port = sock.getsockname()[1]
+        args.port = serve_run.free_local_port()
     cache = RESULTS / "cache"
     Tmax = max(args.tenants)
     need_full = Tmax if "mux" in args.systems else 1

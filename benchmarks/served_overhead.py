@@ -35,7 +35,6 @@ import math
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from serve.run import free_local_port
 from serve.schemas import ClassifyRequest
 
 RESULTS = Path(__file__).parent / "results"
@@ -52,12 +52,6 @@ DENSE_PREFIX = "/dense"
 SYSTEMS = ("plain", "ray", "ray-di", "bitdelta", "bitdelta-di")
 LABELS = {"plain": "(a) plain FastAPI", "ray": "(b) minimal Ray Serve", "ray-di": "(b') minimal Ray Serve, direct ingress",
           "bitdelta": "(c) this service", "bitdelta-di": "(c') this service, direct ingress"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # =============================================================================================
@@ -653,11 +647,11 @@ def main(argv=None) -> dict:
     owner: dict[str, Server] = {}
     try:
         t0 = time.perf_counter()
-        specs = [(["--role", "plain", "--port", str(_free_port())], {}),
-                 (["--role", "ray", "--port", str(_free_port())], {})]
+        specs = [(["--role", "plain", "--port", str(free_local_port())], {}),
+                 (["--role", "ray", "--port", str(free_local_port())], {})]
         if not args.quick:
             di = 32000 + random.Random(os.getpid()).randrange(0, 900)
-            specs.append((["--role", "ray", "--direct", "--port", str(_free_port()), "--di-port", str(di)],
+            specs.append((["--role", "ray", "--direct", "--port", str(free_local_port()), "--di-port", str(di)],
                           {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(di),
                            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(di + 20),
                            "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(di + 1000),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import random
+import socket
 import time
 from typing import Any
 
@@ -12,6 +14,23 @@ from .config import ServeConfig
 logger = logging.getLogger(__name__)
 
 APP_NAME = "bitdelta"
+
+
+def free_local_port() -> int:
+    """A free port on 127.0.0.1 between 20000 and 32000: outside the kernel's ephemeral range
+    (32768+ on Linux, 49152+ on macOS and Windows) and Ray's default worker ports (10002-19999).
+    A port that ``bind(0)`` hands out comes from the ephemeral range, and the processes Ray
+    starts before Serve binds its HTTP port take ports from that range too."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port between 20000 and 32000 on 127.0.0.1")
 
 
 def start(cfg: ServeConfig, *, ray_num_cpus: int | None = None, wait_s: float = 300.0,

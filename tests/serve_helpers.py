@@ -3,10 +3,7 @@ real short fine-tunes, a local Ray Serve service on 127.0.0.1, bounded wait loop
 
 from __future__ import annotations
 
-import contextlib
-import random
 import re
-import socket
 import time
 from pathlib import Path
 
@@ -14,6 +11,8 @@ import httpx
 import torch
 from tenant_fixtures import tiny_tokenizer as _tiny_tokenizer
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedTokenizerFast
+
+from serve.run import free_local_port as free_port  # noqa: F401 - the tests' port picker
 
 VOCAB = 120
 WORDS = [f"w{i}" for i in range(VOCAB - 4)]
@@ -60,23 +59,6 @@ def finetune(base: Path, out: Path, labels: list[str] | None, *, seed: int, step
 def texts(n: int, seed: int = 0, length: int = 6) -> list[str]:
     g = torch.Generator().manual_seed(seed)
     return [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (length,), generator=g)) for _ in range(n)]
-
-
-def free_port() -> int:
-    """A free port on 127.0.0.1 between 20000 and 32000: outside the kernel's ephemeral range
-    (32768+ on Linux, 49152+ on macOS and Windows) and Ray's default worker ports (10002-19999).
-    A port that ``bind(0)`` hands out comes from the ephemeral range, and the processes Ray
-    starts before the service binds its port take ports from that range too."""
-    rng = random.SystemRandom()
-    for _ in range(200):
-        port = rng.randrange(20000, 32000)
-        with contextlib.closing(socket.socket()) as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port between 20000 and 32000 on 127.0.0.1")
 
 
 def reference_predictions(model, tokenizer, inputs, id2label) -> list[dict]:
