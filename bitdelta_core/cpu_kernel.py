@@ -31,7 +31,7 @@ from .errors import EngineError
 
 logger = logging.getLogger(__name__)
 
-KERNEL_VERSION = 3  # bump when csrc/signed_linear.cpp changes meaningfully (new cache entry)
+KERNEL_VERSION = 4  # bump when csrc/signed_linear.cpp changes meaningfully (new cache entry)
 _SOURCE = Path(__file__).parent / "csrc" / "signed_linear.cpp"
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "module": ModuleType | None, "error": str
@@ -156,14 +156,19 @@ def _ninja_on_path() -> None:
 
 def signed_linear_groups(mod: ModuleType, x: torch.Tensor, out: torch.Tensor, weight: torch.Tensor,
                          groups: list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor | None,
-                                            torch.Tensor | None]], transposed: bool = False) -> None:
+                                            torch.Tensor | None]], transposed: bool = False,
+                         rows: torch.Tensor | None = None, zero_rows: torch.Tensor | None = None) -> None:
     """``out[s:e] = x[s:e] @ (weight + diag(scale) sign)ᵀ + bias`` for every group, in place
     (``transposed``: GPT-2 Conv1D's ``(in, out)`` weight, ``x[s:e] @ (weight + ...) + bias``).
 
-    ``groups``: ``(start, end, packed_signs, scale, index, bias)`` with ``x``'s row range, the
+    ``groups``: ``(start, end, packed_signs, scale, index, bias)`` with the group's row range, the
     tenant's packed signs and one float32 scale per stored row, the stored rows (``None`` = all)
     and the bias (``None`` = none). ``x`` and ``weight`` contiguous float32, ``out`` float32
     with contiguous rows; ``weight.shape[1] % 8 == 0``.
+
+    ``rows`` (int64, distinct): the row ranges index it, and a group computes rows
+    ``rows[s:e]`` of ``x`` and ``out`` (the real tokens of a padded batch, read and written in
+    place); ``zero_rows``: rows of ``out`` set to zero.
     """
     N = weight.shape[1 if transposed else 0]
     tile = tile_size(N, weight.numel() // N, torch.get_num_threads())
@@ -174,4 +179,5 @@ def signed_linear_groups(mod: ModuleType, x: torch.Tensor, out: torch.Tensor, we
         [_NO_INDEX if g[4] is None else g[4] for g in groups],
         [_NO_BIAS if g[5] is None else g[5] for g in groups],
         tile, transposed, SMALL_ROWS, SMALL_CHUNK_BYTES,
+        _NO_INDEX if rows is None else rows, _NO_INDEX if zero_rows is None else zero_rows,
     )

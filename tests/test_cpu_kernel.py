@@ -70,6 +70,44 @@ def test_fused_groups_equal_merged_weights(mod, N, K, transposed, small_rows, ch
     assert not out.isnan().any()
 
 
+@pytest.mark.parametrize("small_rows", [0, 1000], ids=["gemm", "register-blocked"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["linear", "conv1d"])
+def test_fused_groups_on_mapped_rows(mod, transposed, small_rows, monkeypatch):
+    """``rows``: each group computes its rows of a larger (padded) matrix in place, in any order
+    and spacing; ``zero_rows`` are zeroed; every other row of ``out`` is left as it was. Equal
+    to gathering the rows and running the merged weights."""
+    monkeypatch.setattr(cpu_kernel, "SMALL_ROWS", small_rows)
+    N, K, P = 24, 16, 50
+    g = torch.Generator().manual_seed(7)
+    R, C = (K, N) if transposed else (N, K)
+    W = torch.randn(R, C, generator=g)
+    x = torch.randn(P, K, generator=g)
+    perm = torch.randperm(P, generator=g)
+    rows, zero_rows, untouched = perm[:31].contiguous(), perm[31:45].sort().values, perm[45:]
+    sizes = [7, 0, 1, 13, 10]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    tenants = [_tenant(R, C, g, unchanged=range(0, R, 4) if i == 3 else ()) for i in range(len(sizes))]
+    biases = [torch.randn(N, generator=g) if i % 2 else None for i in range(len(sizes))]
+    out = torch.full((P, N), 7.0)
+    groups = [(s, s + n, code.signs, scale, index, b)
+              for s, n, (code, scale, index), b in zip(starts, sizes, tenants, biases)]
+    cpu_kernel.signed_linear_groups(mod, x, out, W, groups, transposed=transposed, rows=rows, zero_rows=zero_rows)
+    for s, n, (code, scale, index), b in zip(starts, sizes, tenants, biases):
+        w = W + code.decode()
+        r = rows[s:s + n]
+        want = x[r] @ (w if transposed else w.t()) + (0 if b is None else b)
+        torch.testing.assert_close(out[r], want, atol=1e-5, rtol=1e-5)
+    assert (out[zero_rows] == 0).all() and (out[untouched] == 7.0).all()
+    with pytest.raises(RuntimeError, match="is not a row of x"):
+        cpu_kernel.signed_linear_groups(mod, x, out, W, groups, transposed=transposed,
+                                        rows=torch.cat([rows[:-1], torch.tensor([P])]))
+    with pytest.raises(RuntimeError, match="is not a row of out"):
+        cpu_kernel.signed_linear_groups(mod, x, out, W, groups, transposed=transposed, rows=rows,
+                                        zero_rows=torch.tensor([-1]))
+    with pytest.raises(RuntimeError, match="bad row range"):  # ranges index rows, not x
+        cpu_kernel.signed_linear_groups(mod, x, out, W, [(0, 32, *groups[0][2:])], transposed=transposed, rows=rows)
+
+
 def test_fused_kernel_rejects_bad_shapes(mod):
     W, x, out = torch.randn(16, 12), torch.randn(4, 12), torch.empty(4, 16)  # K = 12 is not a multiple of 8
     code, scale, _ = _tenant(16, 12, torch.Generator().manual_seed(0))

@@ -62,7 +62,8 @@ def test_padding_is_skipped_with_the_same_logits(bert, monkeypatch):
     real = cpu_kernel_mod.signed_linear_groups
 
     def spy(mod, x, *a, **k):
-        rows_seen.append(x.shape[0])
+        rows = k.get("rows")  # real tokens read in place on the padded grid
+        rows_seen.append(x.shape[0] if rows is None else rows.numel())
         return real(mod, x, *a, **k)
 
     monkeypatch.setattr(cpu_kernel_mod, "signed_linear_groups", spy)
@@ -83,11 +84,26 @@ def test_padding_is_skipped_with_the_same_logits(bert, monkeypatch):
 
 @pytest.mark.parametrize("models", [["a"] * 6, [None] * 6, ["b", "b", "b", "a", "a", "a"]],
                          ids=["one-tenant", "base-only", "two-groups"])
-def test_single_tenant_base_only_and_grouped_batches(bert, models):
+def test_single_tenant_base_only_and_grouped_batches(bert, models, monkeypatch):
     skip, full = bert
     enc = _padded(LENGTHS, seed=3)
-    got, want = skip.forward(enc, models), full.forward(enc, models)
+    in_place = []
+    real = cpu_kernel_mod.signed_linear_groups
+
+    def spy(mod, x, out, *a, rows=None, zero_rows=None, **k):
+        if rows is not None:  # the real tokens read and written on the padded grid
+            in_place.append((x.shape[0], rows.numel(), zero_rows.numel()))
+            out.fill_(float("nan"))  # every position must be written: real tokens or zeroed padding
+        return real(mod, x, out, *a, rows=rows, zero_rows=zero_rows, **k)
+
+    monkeypatch.setattr(cpu_kernel_mod, "signed_linear_groups", spy)
+    got = skip.forward(enc, models)
+    monkeypatch.undo()
+    want = full.forward(enc, models)
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), (got - want).abs().max()
+    if skip._kernel is not None and None not in models:
+        grid = len(LENGTHS) * max(LENGTHS)
+        assert in_place and set(in_place) == {(grid, sum(LENGTHS), grid - sum(LENGTHS))}, in_place
     # and each row equals that row alone, unpadded
     for i, m in enumerate(models):
         n = LENGTHS[i]

@@ -14,6 +14,11 @@
 // so every row starts on a byte. `index` (ascending int64) lists the stored rows when unchanged
 // rows are left out (those rows equal the base); an empty tensor means every row is stored.
 // Rows are output features for a Linear weight (N, K) and input features for Conv1D's (K, N).
+//
+// `rows` (optional, int64) maps each group's rows onto rows of x and out: group g computes rows
+// rows[starts[g]:ends[g]] (distinct), so a padded batch's real tokens are read and written in
+// place, without gathering them into a matrix and scattering the result back; `zero_rows` lists
+// rows of out set to zero (the padding).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -94,53 +99,59 @@ constexpr int kMR = 3;
 #endif
 constexpr int kNR = 4;  // merged weight rows (output features) per block
 
-// out[r, j] = x[r, :] . w[j, :] (+ bias[j]) for r < MR, j < NR; K % 8 == 0.
+// os[r][j] = xs[r][:] . w[j, :] (+ bias[j]) for r < MR, j < NR; K % 8 == 0. xs and os hold each
+// row's address (the rows of a group need not be evenly spaced: the real tokens of a padded batch).
 template <int MR, int NR>
-inline void micro(const float* BD_RESTRICT x, int64_t ldx, const float* BD_RESTRICT w, int64_t K,
-                  float* BD_RESTRICT out, int64_t ldo, const float* BD_RESTRICT bias) {
+inline void micro(const float* const* xs, const float* BD_RESTRICT w, int64_t K, float* const* os,
+                  const float* BD_RESTRICT bias) {
+  const float* xr[MR];
+  for (int r = 0; r < MR; ++r) xr[r] = xs[r];
   v8f acc[MR][NR];
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NR; ++j) acc[r][j] = v8f{};
   for (int64_t k = 0; k < K; k += 8) {
     v8f xv[MR];
-    for (int r = 0; r < MR; ++r) xv[r] = load8(x + r * ldx + k);
+    for (int r = 0; r < MR; ++r) xv[r] = load8(xr[r] + k);
     for (int j = 0; j < NR; ++j) {
       const v8f wv = load8(w + j * K + k);
       for (int r = 0; r < MR; ++r) acc[r][j] += xv[r] * wv;
     }
   }
   for (int r = 0; r < MR; ++r) {
+    float* o = os[r];
 #if defined(__AVX__)
     if constexpr (NR == 4) {  // the four sums of a row in one vector: three horizontal adds, one add
       const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps((__m256)acc[r][0], (__m256)acc[r][1]),
                                       _mm256_hadd_ps((__m256)acc[r][2], (__m256)acc[r][3]));
       __m128 sum = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
       if (bias) sum = _mm_add_ps(sum, _mm_loadu_ps(bias));
-      _mm_storeu_ps(out + r * ldo, sum);
+      _mm_storeu_ps(o, sum);
       continue;
     }
 #endif
-    for (int j = 0; j < NR; ++j) out[r * ldo + j] = hsum8(acc[r][j]) + (bias ? bias[j] : 0.0f);
+    for (int j = 0; j < NR; ++j) o[j] = hsum8(acc[r][j]) + (bias ? bias[j] : 0.0f);
   }
 }
 
 template <int MR>
-inline void micro_nr(int nr, const float* x, int64_t ldx, const float* w, int64_t K, float* out, int64_t ldo,
+inline void micro_nr(int nr, const float* const* xs, const float* w, int64_t K, float* const* os,
                      const float* bias) {
   switch (nr) {
-    case 4: micro<MR, 4>(x, ldx, w, K, out, ldo, bias); break;
-    case 3: micro<MR, 3>(x, ldx, w, K, out, ldo, bias); break;
-    case 2: micro<MR, 2>(x, ldx, w, K, out, ldo, bias); break;
-    default: micro<MR, 1>(x, ldx, w, K, out, ldo, bias); break;
+    case 4: micro<MR, 4>(xs, w, K, os, bias); break;
+    case 3: micro<MR, 3>(xs, w, K, os, bias); break;
+    case 2: micro<MR, 2>(xs, w, K, os, bias); break;
+    default: micro<MR, 1>(xs, w, K, os, bias); break;
   }
 }
 
-// One group's rows x (m x K) times output features n0..n0+nt of the merged weight, into out
-// (row stride ldo, column n0 at out[0]). Linear layout: weight rows are output features.
-void small_group(const float* x, int64_t m, int64_t K, float* out, int64_t ldo, const float* W, int64_t n0,
+// One group's m rows of x (xs: each row's address, K values) times output features n0..n0+nt of
+// the merged weight, into out (os: each row's address, column 0). Linear layout: weight rows
+// are output features. ob: scratch for the output addresses of one block of rows.
+void small_group(const float* const* xs, int64_t m, int64_t K, float* const* os, const float* W, int64_t n0,
                  int64_t nt, const uint8_t* bits, const float* sc, const int64_t* idx, int64_t kept,
                  const float* bias, float* mbuf) {
   int64_t p = idx ? std::lower_bound(idx, idx + kept, n0) - idx : 0;
+  float* ob[kMR];
   for (int64_t n = n0; n < n0 + nt; n += kNR) {
     const int nr = static_cast<int>(std::min<int64_t>(kNR, n0 + nt - n));
     for (int j = 0; j < nr; ++j) {
@@ -156,16 +167,19 @@ void small_group(const float* x, int64_t m, int64_t K, float* out, int64_t ldo, 
     }
     const float* b = bias ? bias + n : nullptr;
     int64_t r = 0;
-    float* o = out + (n - n0);
-    for (; r + kMR <= m; r += kMR) micro_nr<kMR>(nr, x + r * K, K, mbuf, K, o + r * ldo, ldo, b);
+    for (; r + kMR <= m; r += kMR) {
+      for (int i = 0; i < kMR; ++i) ob[i] = os[r + i] + n;
+      micro_nr<kMR>(nr, xs + r, mbuf, K, ob, b);
+    }
+    for (int i = 0; i < m - r; ++i) ob[i] = os[r + i] + n;
     switch (m - r) {  // the last rows
 #if defined(__AVX512F__)
-      case 5: micro_nr<5>(nr, x + r * K, K, mbuf, K, o + r * ldo, ldo, b); break;
-      case 4: micro_nr<4>(nr, x + r * K, K, mbuf, K, o + r * ldo, ldo, b); break;
-      case 3: micro_nr<3>(nr, x + r * K, K, mbuf, K, o + r * ldo, ldo, b); break;
+      case 5: micro_nr<5>(nr, xs + r, mbuf, K, ob, b); break;
+      case 4: micro_nr<4>(nr, xs + r, mbuf, K, ob, b); break;
+      case 3: micro_nr<3>(nr, xs + r, mbuf, K, ob, b); break;
 #endif
-      case 2: micro_nr<2>(nr, x + r * K, K, mbuf, K, o + r * ldo, ldo, b); break;
-      case 1: micro_nr<1>(nr, x + r * K, K, mbuf, K, o + r * ldo, ldo, b); break;
+      case 2: micro_nr<2>(nr, xs + r, mbuf, K, ob, b); break;
+      case 1: micro_nr<1>(nr, xs + r, mbuf, K, ob, b); break;
       default: break;
     }
   }
@@ -178,22 +192,36 @@ void signed_linear_groups(const torch::Tensor& x, torch::Tensor& out, const torc
                           const std::vector<int64_t>& starts, const std::vector<int64_t>& ends,
                           const std::vector<torch::Tensor>& signs, const std::vector<torch::Tensor>& scales,
                           const std::vector<torch::Tensor>& index, const std::vector<torch::Tensor>& bias,
-                          int64_t tile, bool transposed, int64_t small_rows, int64_t small_chunk_bytes) {
+                          int64_t tile, bool transposed, int64_t small_rows, int64_t small_chunk_bytes,
+                          const torch::Tensor& rows, const torch::Tensor& zero_rows) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat, "x must be contiguous 2-D float32");
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.scalar_type() == at::kFloat,
               "weight must be contiguous 2-D float32");
   TORCH_CHECK(out.dim() == 2 && out.stride(1) == 1 && out.scalar_type() == at::kFloat, "out must be 2-D float32, rows contiguous");
   const int64_t N = transposed ? weight.size(1) : weight.size(0);
   const int64_t K = transposed ? weight.size(0) : weight.size(1);
-  const int64_t rows = weight.size(0), cols = weight.size(1);  // of the stored sign matrix
+  const int64_t srows = weight.size(0), cols = weight.size(1);  // of the stored sign matrix
   TORCH_CHECK(cols % 8 == 0, transposed ? "out_features" : "in_features", " must be a multiple of 8");
   TORCH_CHECK(x.size(1) == K && out.size(1) == N && out.size(0) == x.size(0), "shape mismatch");
+  // rows: group g's rows are x/out rows rows[starts[g]:ends[g]] (empty: rows starts[g]:ends[g])
+  const bool mapped = rows.numel() > 0;
+  const int64_t nrows = mapped ? rows.numel() : x.size(0);
+  TORCH_CHECK(!mapped || (rows.dim() == 1 && rows.scalar_type() == at::kLong && rows.is_contiguous()),
+              "rows must be contiguous 1-D int64");
+  TORCH_CHECK(!zero_rows.numel() || (zero_rows.dim() == 1 && zero_rows.scalar_type() == at::kLong &&
+                                     zero_rows.is_contiguous()), "zero_rows must be contiguous 1-D int64");
+  const int64_t* rmap = mapped ? rows.data_ptr<int64_t>() : nullptr;
+  for (int64_t i = 0; i < (mapped ? nrows : 0); ++i)
+    TORCH_CHECK(0 <= rmap[i] && rmap[i] < x.size(0), "rows[", i, "] = ", rmap[i], " is not a row of x");
+  const int64_t* zmap = zero_rows.numel() ? zero_rows.data_ptr<int64_t>() : nullptr;
+  for (int64_t i = 0; i < zero_rows.numel(); ++i)
+    TORCH_CHECK(0 <= zmap[i] && zmap[i] < out.size(0), "zero_rows[", i, "] = ", zmap[i], " is not a row of out");
   const size_t G = starts.size();
   TORCH_CHECK(ends.size() == G && signs.size() == G && scales.size() == G && index.size() == G && bias.size() == G,
               "one entry per group in every list");
   for (size_t g = 0; g < G; ++g) {
-    TORCH_CHECK(0 <= starts[g] && starts[g] <= ends[g] && ends[g] <= x.size(0), "bad row range");
-    const int64_t kept = index[g].numel() ? index[g].numel() : rows;
+    TORCH_CHECK(0 <= starts[g] && starts[g] <= ends[g] && ends[g] <= nrows, "bad row range");
+    const int64_t kept = index[g].numel() ? index[g].numel() : srows;
     TORCH_CHECK(signs[g].scalar_type() == at::kByte && signs[g].is_contiguous() && signs[g].numel() * 8 >= kept * cols,
                 "signs must be contiguous uint8 covering the stored rows");
     TORCH_CHECK(scales[g].scalar_type() == at::kFloat && scales[g].is_contiguous() && scales[g].numel() == kept,
@@ -206,14 +234,35 @@ void signed_linear_groups(const torch::Tensor& x, torch::Tensor& out, const torc
   if (transposed) tile = tile / 8 * 8;  // column tiles start on a byte of every row
   const int64_t ntiles = (N + tile - 1) / tile;
   const float* W = weight.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  const int64_t ldo = out.stride(0);
+  for (int64_t i = 0; i < zero_rows.numel(); ++i) std::memset(O + zmap[i] * ldo, 0, sizeof(float) * N);
 
 #ifdef BD_SMALL_GROUPS
   const bool has_small = !transposed && small_rows > 0;
   // base rows read by every small group before the next ones (a multiple of the block rows)
   const int64_t chunk = std::max<int64_t>(kNR, small_chunk_bytes / (4 * K) / kNR * kNR);
+  // every row's address in x and in out (a small group's rows need not be evenly spaced)
+  std::vector<const float*> xptr(has_small ? nrows : 0);
+  std::vector<float*> optr(has_small ? nrows : 0);
+  for (int64_t i = 0; i < static_cast<int64_t>(xptr.size()); ++i) {
+    const int64_t r = rmap ? rmap[i] : i;
+    xptr[i] = x.data_ptr<float>() + r * K;
+    optr[i] = O + r * ldo;
+  }
 #else
   const bool has_small = false;
 #endif
+  // groups the GEMM path runs on mapped rows: their rows of x gathered, their output written
+  // to a buffer and copied to its rows after the loop
+  std::vector<at::Tensor> gx(G), go(G), grows(G);
+  for (size_t g = 0; g < G; ++g) {
+    const int64_t m = ends[g] - starts[g];
+    if (!mapped || m == 0 || (has_small && m <= small_rows)) continue;
+    grows[g] = rows.narrow(0, starts[g], m);
+    gx[g] = x.index_select(0, grows[g]);
+    go[g] = at::empty({m, N}, out.options());
+  }
   const bool inference = c10::InferenceMode::is_enabled();
   at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
     // worker threads do not inherit the caller's thread-local modes
@@ -233,8 +282,8 @@ void signed_linear_groups(const torch::Tensor& x, torch::Tensor& out, const torc
           for (size_t g = 0; g < G; ++g) {
             const int64_t m = ends[g] - starts[g];
             if (m == 0 || m > small_rows) continue;
-            small_group(x.data_ptr<float>() + starts[g] * K, m, K, out.data_ptr<float>() + starts[g] * out.stride(0) + c0,
-                        out.stride(0), W, c0, ct, signs[g].data_ptr<uint8_t>(), scales[g].data_ptr<float>(),
+            small_group(xptr.data() + starts[g], m, K, optr.data() + starts[g], W, c0, ct,
+                        signs[g].data_ptr<uint8_t>(), scales[g].data_ptr<float>(),
                         index[g].numel() ? index[g].data_ptr<int64_t>() : nullptr, index[g].numel(),
                         bias[g].numel() ? bias[g].data_ptr<float>() : nullptr, B);
           }
@@ -277,9 +326,9 @@ void signed_linear_groups(const torch::Tensor& x, torch::Tensor& out, const torc
             }
           }
         }
-        at::Tensor o = out.narrow(0, starts[g], m).narrow(1, n0, nt);
+        at::Tensor o = (mapped ? go[g] : out.narrow(0, starts[g], m)).narrow(1, n0, nt);
         at::Tensor w = transposed ? buf.narrow(0, 0, K * nt).view({K, nt}) : buf.narrow(0, 0, nt * K).view({nt, K}).t();
-        at::Tensor xg = x.narrow(0, starts[g], m);
+        at::Tensor xg = mapped ? gx[g] : x.narrow(0, starts[g], m);
         if (bias[g].numel()) {
           o.copy_(bias[g].narrow(0, n0, nt).unsqueeze(0).expand({m, nt}));
           o.addmm_(xg, w);
@@ -289,6 +338,8 @@ void signed_linear_groups(const torch::Tensor& x, torch::Tensor& out, const torc
       }
     }
   });
+  for (size_t g = 0; g < G; ++g)
+    if (go[g].defined()) out.index_copy_(0, grows[g], go[g]);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -296,5 +347,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // loop and other Python threads keep running during a forward, as they do during torch ops
   m.def("signed_linear_groups", &signed_linear_groups, py::call_guard<py::gil_scoped_release>(),
         "out[rows_g] = x[rows_g] @ (W + scale_g * sign_g)^T + b_g for every group g (in place into out); "
-        "transposed: W is (in, out) and out[rows_g] = x[rows_g] @ (W + scale_g * sign_g) + b_g");
+        "transposed: W is (in, out) and out[rows_g] = x[rows_g] @ (W + scale_g * sign_g) + b_g; rows_g: "
+        "rows[starts[g]:ends[g]] (rows empty: starts[g]:ends[g]); out[zero_rows] = 0");
 }

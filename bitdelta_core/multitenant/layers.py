@@ -243,6 +243,9 @@ class LinearLayer(TenantLayer):
         into one matrix, each group's span runs through its weights, and the output's padding
         positions are zero. None where the groups' outputs differ in width (the padded path runs)."""
         p = ctx.packed
+        y = self._fused_packed(x, ctx)
+        if y is not None:
+            return y
         xp = p.gather(x)
         if ctx.base_only or ctx.single is not None or not any(self.name in t.layers for t in ctx.tenants.values()):
             yp = super().forward(xp)  # one set of weights for every token: the ordinary dispatch
@@ -251,6 +254,29 @@ class LinearLayer(TenantLayer):
             if yp is None:
                 return None
         return p.scatter(yp, x.shape[0])
+
+    def _fused_packed(self, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor | None:
+        """The real tokens through the compiled kernel in place on the padded grid, every group
+        in one call (the kernel reads and writes their rows by position and zeroes the padding's):
+        no gathered copy of the input, no scatter of the output. None where a group does not take
+        the kernel here (base rows, a tenant that leaves the layer alone or brings its own weight,
+        a group on cached merged weights)."""
+        if not self.fused or ctx.base_only or x.dtype != torch.float32:
+            return None
+        p = ctx.packed
+        entries = []
+        for (slot, _), (s, e) in zip(ctx.groups, p.spans):
+            t = ctx.tenants.get(slot)
+            d = t.layers.get(self.name) if t is not None and slot not in ctx.admitted else None
+            f = self._fused_entry(d) if d is not None else None
+            if f is None:
+                return None
+            entries.append((s, e, *f))
+        K = x.shape[-1]
+        out = x.new_empty((*x.shape[:-1], self.width))
+        cpu_kernel_mod.signed_linear_groups(self._rt.kernel, x.reshape(-1, K).contiguous(), out.view(-1, self.width),
+                                            self._w, entries, transposed=self.conv, rows=p.index, zero_rows=p.pad)
+        return out
 
     def _one(self, t, d, ctx, args, kwargs):
         if len(args) != 1 or kwargs:
