@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -693,6 +694,7 @@ def main(argv=None) -> dict:
     finally:
         for s in servers:
             s.stop()
+        shutil.rmtree(prep["store"], ignore_errors=True)  # a fresh store per run (prepare)
     from serve.config import ServeConfig
 
     meta = {"machine": f"{os.cpu_count()} CPU cores", "threads": args.threads, "duration": args.duration,
