@@ -152,6 +152,7 @@ void small_group(const float* const* xs, int64_t m, int64_t K, float* const* os,
                  const float* bias, float* mbuf) {
   int64_t p = idx ? std::lower_bound(idx, idx + kept, n0) - idx : 0;
   float* ob[kMR];
+  const int64_t nblocks = (m + kMR - 1) / kMR;
   for (int64_t n = n0; n < n0 + nt; n += kNR) {
     const int nr = static_cast<int>(std::min<int64_t>(kNR, n0 + nt - n));
     for (int j = 0; j < nr; ++j) {
@@ -166,21 +167,22 @@ void small_group(const float* const* xs, int64_t m, int64_t K, float* const* os,
       }
     }
     const float* b = bias ? bias + n : nullptr;
-    int64_t r = 0;
-    for (; r + kMR <= m; r += kMR) {
-      for (int i = 0; i < kMR; ++i) ob[i] = os[r + i] + n;
-      micro_nr<kMR>(nr, xs + r, mbuf, K, ob, b);
-    }
-    for (int i = 0; i < m - r; ++i) ob[i] = os[r + i] + n;
-    switch (m - r) {  // the last rows
+    // the rows in nblocks blocks of equal size (within one): a lone last row would run a 1-row
+    // block, which loads a weight vector per multiply-add and costs several rows' time
+    for (int64_t r = 0, i = 0; i < nblocks; ++i) {
+      const int rows = static_cast<int>(m / nblocks + (i < m % nblocks ? 1 : 0));
+      for (int q = 0; q < rows; ++q) ob[q] = os[r + q] + n;
+      switch (rows) {
 #if defined(__AVX512F__)
-      case 5: micro_nr<5>(nr, xs + r, mbuf, K, ob, b); break;
-      case 4: micro_nr<4>(nr, xs + r, mbuf, K, ob, b); break;
-      case 3: micro_nr<3>(nr, xs + r, mbuf, K, ob, b); break;
+        case 6: micro_nr<6>(nr, xs + r, mbuf, K, ob, b); break;
+        case 5: micro_nr<5>(nr, xs + r, mbuf, K, ob, b); break;
+        case 4: micro_nr<4>(nr, xs + r, mbuf, K, ob, b); break;
 #endif
-      case 2: micro_nr<2>(nr, xs + r, mbuf, K, ob, b); break;
-      case 1: micro_nr<1>(nr, xs + r, mbuf, K, ob, b); break;
-      default: break;
+        case 3: micro_nr<3>(nr, xs + r, mbuf, K, ob, b); break;
+        case 2: micro_nr<2>(nr, xs + r, mbuf, K, ob, b); break;
+        default: micro_nr<1>(nr, xs + r, mbuf, K, ob, b); break;
+      }
+      r += rows;
     }
   }
 }
