@@ -239,9 +239,10 @@ class LinearLayer(TenantLayer):
         return super().forward(*args, **kwargs)
 
     def _packed(self, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor | None:
-        """The layer on the batch's real tokens only (:class:`PackedTokens`): they are gathered
-        into one matrix, each group's span runs through its weights, and the output's padding
-        positions are zero. None where the groups' outputs differ in width (the padded path runs)."""
+        """The layer on the batch's real tokens only (:class:`PackedTokens`): read in place by
+        the compiled kernel (:meth:`_fused_packed`), else gathered into one matrix; each group's
+        span runs through its weights, and the output's padding positions are zero. None where
+        the groups' outputs differ in width (the padded path runs)."""
         p = ctx.packed
         y = self._fused_packed(x, ctx)
         if y is not None:
