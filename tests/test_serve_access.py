@@ -2,9 +2,10 @@
 per-key rate limits, the audit trail, the key/audit CLI, and bad input on the new endpoints.
 
 One local service (two replicas, tiny BERT base, real short fine-tunes; reachable through Serve's
-proxy and, with direct ingress, on each replica's own port) for the module; the
-tests run in file order: the service starts in open mode (no classify token, no key), which the
-first key closes.
+proxy and, with direct ingress, on each replica's own port) for the module. It starts in open mode
+(no classify token, no key), which the first key closes: the first test checks that, and the
+``env`` fixture gives every other test the module's models and two tenant keys (made by whichever
+test needs them first), so each test also runs alone.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ TOKENS: list[str] = []  # every key token handed out in this module: none may re
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def service(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve_access")
     base = save_base(root / "base")
     files = {}
@@ -60,6 +61,32 @@ def env(tmp_path_factory):
         yield {"c": c, "url": url, "files": files, "store": store,
                "direct": _replica_ports(range(di_port, di_port + 2 * REPLICAS + 1))}
     run.stop()
+
+
+MODELS = (("acme-a", 0), ("acme-b", 1), ("bob-a", 1))
+
+
+def _ensure_models(svc) -> None:
+    """Register the module's models once."""
+    if not svc.get("models_ready"):
+        for name, i in MODELS:
+            assert _register(svc["c"], name, svc["files"][i]).status_code == 201
+        svc["models_ready"] = True
+
+
+def _ensure_keys(svc) -> None:
+    """Create the two tenant keys once (this ends open mode)."""
+    if "key_a" not in svc:
+        svc["key_a"] = _create_key(svc["c"], name="tenant-a", scopes=["acme-*"])
+        svc["key_b"] = _create_key(svc["c"], name="tenant-b", scopes=["bob-*"])
+
+
+@pytest.fixture
+def env(service):
+    """The service with the module's models registered and the tenant keys created."""
+    _ensure_models(service)
+    _ensure_keys(service)
+    return service
 
 
 def _replica_ports(ports) -> list[str]:
@@ -108,15 +135,15 @@ def _fanout(fn, n, workers=4):
 
 
 # =============================================================================================
-def test_open_mode_until_the_first_key(env):
-    c = env["c"]
-    for name, i in (("acme-a", 0), ("acme-b", 1), ("bob-a", 1)):
-        assert _register(c, name, env["files"][i]).status_code == 201
+def test_open_mode_until_the_first_key(service):
+    env, c = service, service["c"]
+    if "key_a" in env:  # file order runs this test first
+        pytest.skip("an earlier test of this run created the first key: open mode has ended")
+    _ensure_models(env)
     r = c.post("/v1/classify", json={"model": "acme-a", "inputs": INPUTS})  # no credential: open
     assert r.status_code == 200, r.text
     assert [m["name"] for m in c.get("/v1/models").json()["models"]] == ["acme-a", "acme-b", "bob-a"]
-    env["key_a"] = _create_key(c, name="tenant-a", scopes=["acme-*"])
-    env["key_b"] = _create_key(c, name="tenant-b", scopes=["bob-*"])
+    _ensure_keys(env)
     r = c.post("/v1/classify", json={"model": "acme-a", "inputs": INPUTS})
     assert r.status_code == 401 and r.json()["error"]["type"] == "unauthorized"
     assert r.headers["www-authenticate"] == "Bearer"
