@@ -146,12 +146,12 @@ inline void micro_nr(int nr, const float* const* xs, const float* w, int64_t K, 
 
 // One group's m rows of x (xs: each row's address, K values) times output features n0..n0+nt of
 // the merged weight, into out (os: each row's address, column 0). Linear layout: weight rows
-// are output features. ob: scratch for the output addresses of one block of rows.
+// are output features.
 void small_group(const float* const* xs, int64_t m, int64_t K, float* const* os, const float* W, int64_t n0,
                  int64_t nt, const uint8_t* bits, const float* sc, const int64_t* idx, int64_t kept,
                  const float* bias, float* mbuf) {
   int64_t p = idx ? std::lower_bound(idx, idx + kept, n0) - idx : 0;
-  float* ob[kMR];
+  float* ob[kMR];  // one block's output addresses at the current column
   const int64_t nblocks = (m + kMR - 1) / kMR;
   for (int64_t n = n0; n < n0 + nt; n += kNR) {
     const int nr = static_cast<int>(std::min<int64_t>(kNR, n0 + nt - n));

@@ -262,14 +262,13 @@ class LinearLayer(TenantLayer):
         no gathered copy of the input, no scatter of the output. None where a group does not take
         the kernel here (base rows, a tenant that leaves the layer alone or brings its own weight,
         a group on cached merged weights)."""
-        if not self.fused or ctx.base_only or x.dtype != torch.float32:
+        if not self.fused or x.dtype != torch.float32:
             return None
         p = ctx.packed
         entries = []
         for (slot, _), (s, e) in zip(ctx.groups, p.spans):
             t = ctx.tenants.get(slot)
-            d = t.layers.get(self.name) if t is not None and slot not in ctx.admitted else None
-            f = self._fused_entry(d) if d is not None else None
+            f = self._fused_entry(slot, t.layers.get(self.name) if t is not None else None, ctx)
             if f is None:
                 return None
             entries.append((s, e, *f))
@@ -287,15 +286,14 @@ class LinearLayer(TenantLayer):
             y = self._triton_forward(x, ctx)
             if y is not None:
                 return y
-        if self.fused and t.slot not in ctx.admitted:
-            f = self._fused_entry(d)
-            if f is not None:
-                K = x.shape[-1]
-                out = x.new_empty((*x.shape[:-1], self.width))
-                cpu_kernel_mod.signed_linear_groups(self._rt.kernel, x.reshape(-1, K).contiguous(),
-                                                    out.view(-1, self.width), self._w,
-                                                    [(0, x.numel() // K, *f)], transposed=self.conv)
-                return out
+        f = self._fused_entry(t.slot, d, ctx)
+        if f is not None:
+            K = x.shape[-1]
+            out = x.new_empty((*x.shape[:-1], self.width))
+            cpu_kernel_mod.signed_linear_groups(self._rt.kernel, x.reshape(-1, K).contiguous(),
+                                                out.view(-1, self.width), self._w,
+                                                [(0, x.numel() // K, *f)], transposed=self.conv)
+            return out
         wd, bd = d.get("weight"), d.get("bias")
         w = self.base.weight if wd is None else self._param(t, "weight", wd, ctx)
         b = self.base.bias if bd is None else self._param(t, "bias", bd, ctx)
@@ -304,9 +302,13 @@ class LinearLayer(TenantLayer):
         y = x.reshape(-1, x.shape[-1]) @ w if b is None else torch.addmm(b, x.reshape(-1, x.shape[-1]), w)
         return y.reshape(*x.shape[:-1], w.shape[1])
 
-    def _fused_entry(self, d: dict[str, ParamDelta]):
-        """(signs, scale, index, bias) for the fused kernel, or None when this tenant's layer
-        does not take it (a dense weight, a bias stored as 1-bit, no stored row)."""
+    def _fused_entry(self, slot: int, d: dict[str, ParamDelta] | None, ctx: BatchContext):
+        """(signs, scale, index, bias) of group ``slot`` (``d``: its tenant's deltas here) for the
+        fused kernel, or None where the group does not take it: no kernel for this layer, a
+        group on cached merged weights, base rows or a tenant that leaves the layer alone
+        (``d`` None), a dense weight, a bias stored as 1-bit, no stored row."""
+        if not self.fused or d is None or slot in ctx.admitted:
+            return None
         wd, bd = d.get("weight"), d.get("bias")
         if (wd is not None and wd.kind == "sign" and (bd is None or bd.kind == "dense")
                 and (wd.index is None or wd.index.numel())):
@@ -350,11 +352,10 @@ class LinearLayer(TenantLayer):
         for (slot, _), (s, e) in zip(ctx.groups, spans):
             t = ctx.tenants.get(slot)
             d = t.layers.get(self.name) if t is not None else None
-            if d is not None and self.fused and slot not in ctx.admitted:
-                f = self._fused_entry(d)
-                if f is not None:
-                    fused.append((s, e, *f))
-                    continue
+            f = self._fused_entry(slot, d, ctx)
+            if f is not None:
+                fused.append((s, e, *f))
+                continue
             p = self._params(t, d, ctx) if d is not None else {n: getattr(self.base, n) for n in self.param_names}
             w, b = p["weight"], p.get("bias")
             w = w if conv else w.t()
